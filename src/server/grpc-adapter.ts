@@ -39,6 +39,9 @@ export type ServiceImplementation<T extends GenServiceMethods> = {
         : never;
 };
 
+/** Handlers for every method of the generated service `S`, such as `typeof StateManagerService`. */
+export type ImplementationOf<S> = S extends GenService<infer T> ? ServiceImplementation<T> : never;
+
 export interface AdapterOptions {
   logger: Logger;
   /** Aborted when the server shuts down, which ends every open stream. */

@@ -1,11 +1,6 @@
 import type { TestProject } from "vitest/node";
 import { EtcdProcess } from "./etcd.js";
-
-declare module "vitest" {
-  export interface ProvidedContext {
-    etcdEndpoint: string;
-  }
-}
+import "./provided-context.js";
 
 /**
  * Starts the etcd shared by the whole suite. Tests isolate themselves with a

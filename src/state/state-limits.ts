@@ -1,0 +1,5 @@
+/** Longest model, provider or pool id accepted, in UTF-8 bytes. */
+export const maxIdBytes = 512;
+
+/** Most model ids one pool may list in its active and standby lists together. */
+export const maxPoolMembers = 100_000;
