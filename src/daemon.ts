@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { syncPolicyName, type DaemonConfig } from "./config/daemon-config.js";
@@ -13,9 +14,11 @@ import { addHealthService, HealthReporter } from "./server/health-service.js";
 import { addReflectionService } from "./server/reflection-service.js";
 import { stateManagerService } from "./server/state-manager-service.js";
 import { StateManager } from "./state/state-manager.js";
+import { SyncStatusFeed } from "./state/sync-status-feed.js";
 import { createConnector, describeStorage } from "./storage/create-connector.js";
-import type { StorageConnector } from "./storage/storage-connector.js";
 import { BackendProbe } from "./backend-probe.js";
+import { createLockService } from "./locks/create-lock-service.js";
+import { defaultLockName } from "./locks/lock-service.js";
 
 /** A running daemon, as `startDaemon` returns it. */
 export interface RunningDaemon {
@@ -23,6 +26,8 @@ export interface RunningDaemon {
   readonly address: string;
   /** Resolves true once the state is loaded and calls are served, or false if shutdown came first. */
   readonly ready: Promise<boolean>;
+  /** Open WatchSyncStatus streams. */
+  readonly statusSubscriberCount: number;
   /** Stops serving, writes pending state as the policy prescribes and closes storage. Resolves with the exit code. */
   shutdown(reason: string): Promise<number>;
 }
@@ -36,7 +41,11 @@ export async function startDaemon(config: DaemonConfig, logger: Logger): Promise
     syncIntervalMs: config.storage.persistence.syncIntervalMs,
     logger,
   });
+  const statusFeed = new SyncStatusFeed(manager);
+  const locks = await createLockService(connector, config.storage, logger);
   const shutdownController = new AbortController();
+  // Every open call listens to this signal, so thousands of listeners are expected, not a leak.
+  setMaxListeners(0, shutdownController.signal);
   const adapterOptions = { logger: logger.child({ component: "grpc" }), shutdownSignal: shutdownController.signal };
   const health = new HealthReporter();
   const server = new grpc.Server({
@@ -48,7 +57,17 @@ export async function startDaemon(config: DaemonConfig, logger: Logger): Promise
   addService(
     server,
     StateManagerService,
-    stateManagerService({ manager, maxStateEntities: config.server.maxStateEntities }),
+    stateManagerService({
+      manager,
+      statusFeed,
+      locks,
+      lockSettings: {
+        enabled: config.storage.locking.enabled,
+        defaultTtlMs: config.storage.locking.ttlMs,
+        defaultTimeoutMs: config.storage.locking.timeoutMs,
+      },
+      maxStateEntities: config.server.maxStateEntities,
+    }),
     adapterOptions,
   );
   addHealthService(server, health, adapterOptions);
@@ -67,36 +86,46 @@ export async function startDaemon(config: DaemonConfig, logger: Logger): Promise
   const probe = new BackendProbe({
     connector,
     logger,
-    onChange: (reachable) => updateHealth(health, reachable && manager.isLoaded),
+    onChange: (reachable) => {
+      statusFeed.setBackendReachable(reachable);
+      updateHealth(health, reachable && manager.isLoaded);
+    },
   });
   manager.onStatusChange(() => updateHealth(health, probe.reachable && manager.isLoaded));
+  const stopWatchingLock = locks.watchHolder(defaultLockName, (holder) => statusFeed.setLockHolder(holder));
   updateHealth(health, false);
   probe.start();
-  const loading = manager.start();
-
-  logger.info(
-    {
-      address,
-      connector: connector.id,
-      policy: syncPolicyName(config.storage.persistence.syncPolicy),
-      syncIntervalMs: config.storage.persistence.syncIntervalMs,
-      ...describeStorage(config.storage),
-    },
-    "state daemon started",
-  );
+  logger.info({ address }, "state daemon listening; loading state");
+  const startedFields = {
+    address,
+    connector: connector.id,
+    policy: syncPolicyName(config.storage.persistence.syncPolicy),
+    syncIntervalMs: config.storage.persistence.syncIntervalMs,
+    ...describeStorage(config.storage),
+  };
+  const loading = manager.start().then((loaded) => {
+    if (loaded) logger.info(startedFields, "state daemon started");
+    return loaded;
+  });
 
   return {
     address,
     ready: loading,
+    get statusSubscriberCount() {
+      return statusFeed.subscriberCount;
+    },
     shutdown: async (reason) => {
       logger.info({ reason }, "state daemon stopping");
-      shutdownController.abort();
+      // Health watchers see NOT_SERVING before their streams end.
       health.setAllNotServing();
+      shutdownController.abort();
       await stopServer(server, config.server.shutdownTimeoutMs, logger);
       probe.stop();
       const saved = await manager.shutdown();
       await loading;
-      await closeConnector(connector, logger);
+      stopWatchingLock();
+      await closeQuietly("lock service", () => locks.close(), logger);
+      await closeQuietly(`storage connector ${connector.id}`, () => connector.close(), logger);
       logger.info({ reason, finalSaveSucceeded: saved }, "state daemon stopped");
       return saved ? 0 : 1;
     },
@@ -135,10 +164,10 @@ async function stopServer(server: grpc.Server, timeoutMs: number, logger: Logger
   });
 }
 
-async function closeConnector(connector: StorageConnector, logger: Logger): Promise<void> {
+async function closeQuietly(what: string, close: () => Promise<void>, logger: Logger): Promise<void> {
   try {
-    await connector.close();
+    await close();
   } catch (error) {
-    logger.warn({ err: error, connector: connector.id }, "cannot close the storage connector cleanly");
+    logger.warn({ err: error }, `cannot close the ${what} cleanly`);
   }
 }

@@ -197,8 +197,9 @@ async function finishStream(
   } catch (error) {
     const status = toGrpcStatus(error, context.call.logger);
     logCallEnd(context, status.code, status.details);
-    // A cancelled call has no client left to read the status.
-    if (!call.cancelled) call.destroy(Object.assign(new Error(status.details), status));
+    // A cancelled call has no client left to read the status. grpc-js turns an "error" event of a server
+    // stream into the call's status; destroying the stream instead would end it without any status.
+    if (!call.cancelled) call.emit("error", Object.assign(new Error(status.details), status));
   } finally {
     context.close();
   }
@@ -234,7 +235,9 @@ async function* decodeStream<I extends DescMessage>(
   schema: I,
   call: grpc.ServerDuplexStream<Buffer, Uint8Array>,
 ): AsyncGenerator<MessageShape<I>> {
-  for await (const bytes of call as AsyncIterable<Buffer>) {
+  // Without destroyOnReturn: false, the end of the client's half of the stream would destroy the whole call
+  // before the handler sends its last messages and the status.
+  for await (const bytes of call.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
     yield decodeRequest(schema, bytes);
   }
 }

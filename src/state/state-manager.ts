@@ -4,6 +4,8 @@ import type { Logger } from "pino";
 import { syncPolicyName } from "../config/daemon-config.js";
 import { SyncPolicy, SyncStatusSchema, type SyncStatus, type SystemState } from "../gen/modelmesh/state/v1/state_pb.js";
 import { unavailable } from "../server/service-error.js";
+import type { VerifiedFence } from "../locks/lock-service.js";
+import { assertFenceCurrent } from "../storage/assert-fence-current.js";
 import type { StorageConnector } from "../storage/storage-connector.js";
 
 export interface StateManagerOptions {
@@ -91,10 +93,16 @@ export class StateManager {
     return this.state;
   }
 
-  /** Replaces the whole state. Under the immediate policy it resolves once the connector committed it. */
-  async save(state: SystemState): Promise<void> {
+  /**
+   * Replaces the whole state. Under the immediate policy it resolves once the
+   * connector committed it, and a fence is checked atomically with that commit.
+   * Under the other policies a fence was checked by the caller and is checked
+   * again here for in-process locks.
+   */
+  async save(state: SystemState, fence?: VerifiedFence): Promise<void> {
     this.assertLoaded();
     if (this.policy !== SyncPolicy.IMMEDIATE) {
+      assertFenceCurrent(fence);
       this.state = state;
       this.acceptedChanges++;
       this.notifyStatus();
@@ -102,7 +110,7 @@ export class StateManager {
     }
     // The daemon's copy changes only after the commit, so a failed write leaves no trace.
     await this.enqueueWrite(async () => {
-      await this.writeToConnector(state, "save", this.acceptedChanges + 1);
+      await this.writeToConnector(state, "save", this.acceptedChanges + 1, fence);
       this.state = state;
       this.acceptedChanges++;
       this.persistedChanges = this.acceptedChanges;
@@ -210,9 +218,14 @@ export class StateManager {
     this.notifyStatus();
   }
 
-  private async writeToConnector(state: SystemState, reason: string, changesInWrite: number): Promise<void> {
+  private async writeToConnector(
+    state: SystemState,
+    reason: string,
+    changesInWrite: number,
+    fence?: VerifiedFence,
+  ): Promise<void> {
     const startedAt = performance.now();
-    await this.connector.save(state);
+    await this.connector.save(state, { fence });
     this.lastSync = new Date();
     this.logger.info(
       {

@@ -4,8 +4,9 @@ import { dirname, resolve } from "node:path";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Logger } from "pino";
 import { SystemStateSchema, type SystemState } from "../gen/modelmesh/state/v1/state_pb.js";
-import { unavailable } from "../server/service-error.js";
-import { ConnectorId, type StorageConnector } from "./storage-connector.js";
+import { isServiceError, unavailable } from "../server/service-error.js";
+import { assertFenceCurrent } from "./assert-fence-current.js";
+import { ConnectorId, type SaveOptions, type StorageConnector } from "./storage-connector.js";
 
 /**
  * Stores the snapshot as one protobuf-encoded SystemState file. A save writes
@@ -42,15 +43,18 @@ export class LocalFileConnector implements StorageConnector {
     }
   }
 
-  async save(state: SystemState): Promise<void> {
+  async save(state: SystemState, options: SaveOptions = {}): Promise<void> {
     const bytes = toBinary(SystemStateSchema, state);
     const temporaryPath = `${this.path}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
     try {
       await writeAndSync(temporaryPath, bytes);
+      // The rename is the commit. NOTE: a grant that expires while the rename runs is not noticed.
+      assertFenceCurrent(options.fence);
       await rename(temporaryPath, this.path);
       await syncFolder(dirname(this.path));
     } catch (error) {
       await rm(temporaryPath, { force: true }).catch(() => undefined);
+      if (isServiceError(error)) throw error;
       throw unavailable(`cannot write state file ${this.path}: ${(error as Error).message}`, error);
     }
     this.logger.debug({ bytes: bytes.length }, "state file written");

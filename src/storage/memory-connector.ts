@@ -1,6 +1,7 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { SystemStateSchema, type SystemState } from "../gen/modelmesh/state/v1/state_pb.js";
-import { ConnectorId, type StorageConnector } from "./storage-connector.js";
+import { assertFenceCurrent } from "./assert-fence-current.js";
+import { ConnectorId, type SaveOptions, type StorageConnector } from "./storage-connector.js";
 
 /**
  * Keeps the last saved snapshot in this process's memory. It outlives no
@@ -15,8 +16,10 @@ export class MemoryConnector implements StorageConnector {
     return this.snapshot === undefined ? undefined : fromBinary(SystemStateSchema, this.snapshot);
   }
 
-  async save(state: SystemState): Promise<void> {
-    this.snapshot = toBinary(SystemStateSchema, state);
+  async save(state: SystemState, options: SaveOptions = {}): Promise<void> {
+    const bytes = toBinary(SystemStateSchema, state);
+    assertFenceCurrent(options.fence);
+    this.snapshot = bytes;
   }
 
   async isReachable(): Promise<boolean> {

@@ -1,4 +1,5 @@
 import type { SystemState } from "../gen/modelmesh/state/v1/state_pb.js";
+import type { VerifiedFence } from "../locks/lock-service.js";
 
 /** Ids of the storage connectors, as `storage.connector` names them. */
 export const ConnectorId = {
@@ -8,6 +9,12 @@ export const ConnectorId = {
 } as const;
 
 export type ConnectorId = (typeof ConnectorId)[keyof typeof ConnectorId];
+
+export interface SaveOptions {
+  fence?: VerifiedFence | undefined;
+  /** Abandons the save before its commit step; what was staged is removed. */
+  signal?: AbortSignal | undefined;
+}
 
 /**
  * A backend that stores whole state snapshots.
@@ -23,8 +30,12 @@ export interface StorageConnector {
   /** Reads the latest committed snapshot, or `undefined` when none was ever saved. */
   load(signal?: AbortSignal): Promise<SystemState | undefined>;
 
-  /** Replaces the stored snapshot with `state`, resolving once it is committed. */
-  save(state: SystemState, signal?: AbortSignal): Promise<void>;
+  /**
+   * Replaces the stored snapshot with `state`, resolving once it is committed.
+   * With a fence, the commit happens only while the fence's lock grant is
+   * current, else it throws FAILED_PRECONDITION and stores nothing.
+   */
+  save(state: SystemState, options?: SaveOptions): Promise<void>;
 
   /** Resolves to true when the backend answers within its probe timeout. */
   isReachable(): Promise<boolean>;

@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { noop } from "cockatiel";
 import { Etcd3 } from "etcd3";
 import { findFreePort } from "./free-port.js";
 
@@ -33,6 +34,7 @@ export class EtcdProcess {
 
   /** Starts etcd again on the same ports and data folder after `kill()`. */
   async resume(): Promise<void> {
+    if (this.child !== undefined) throw new Error(`etcd on ${this.endpoint} is already running; kill() it first`);
     const clientUrl = this.endpoint;
     const peerUrl = `http://127.0.0.1:${this.peerPort}`;
     this.output = "";
@@ -78,7 +80,12 @@ export class EtcdProcess {
   }
 
   private async waitUntilServing(child: ChildProcess): Promise<void> {
-    const client = new Etcd3({ hosts: this.endpoint, dialTimeout: 1000 });
+    // Without the no-op policies, etcd3's circuit breaker keeps reporting etcd as down for 5 s after it is back.
+    const client = new Etcd3({
+      hosts: this.endpoint,
+      defaultCallOptions: () => ({ deadline: Date.now() + 1000 }),
+      faultHandling: { host: () => noop, global: noop },
+    });
     const deadline = Date.now() + startTimeoutMs;
     try {
       while (Date.now() < deadline) {

@@ -41,6 +41,8 @@ export interface EtcdConfigOptions {
   prefix?: string;
   /** storage.persistence.sync_interval, such as "1h". */
   syncInterval?: string;
+  /** Lines added inside the "storage:" section, indented by two spaces, such as "  locking: { ttl: 2s }". */
+  storageLines?: string[];
   /** YAML appended at the top level, such as a "server:" section. */
   extraYaml?: string;
 }
@@ -56,6 +58,7 @@ export function etcdConfigYaml(endpoint: string, policy: string, options: EtcdCo
     "  etcd:",
     `    endpoints: [${JSON.stringify(endpoint)}]`,
     `    prefix: ${options.prefix ?? uniquePrefix(policy)}`,
+    ...(options.storageLines ?? []),
     options.extraYaml ?? "",
   ].join("\n");
 }

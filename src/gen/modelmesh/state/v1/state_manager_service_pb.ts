@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { AcquireLockRequestSchema, AcquireLockResponseSchema, DescribeLockRequestSchema, DescribeLockResponseSchema, Fence, RefreshLockRequestSchema, RefreshLockResponseSchema, ReleaseLockRequestSchema, ReleaseLockResponseSchema } from "./lock_pb.js";
+import { file_modelmesh_state_v1_lock } from "./lock_pb.js";
 import type { SyncStatus, SystemState } from "./state_pb.js";
 import { file_modelmesh_state_v1_state } from "./state_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modelmesh/state/v1/state_manager_service.proto.
  */
 export const file_modelmesh_state_v1_state_manager_service: GenFile = /*@__PURE__*/
-  fileDesc("Ci5tb2RlbG1lc2gvc3RhdGUvdjEvc3RhdGVfbWFuYWdlcl9zZXJ2aWNlLnByb3RvEhJtb2RlbG1lc2guc3RhdGUudjEiDQoLTG9hZFJlcXVlc3QiPgoMTG9hZFJlc3BvbnNlEi4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlIj0KC1NhdmVSZXF1ZXN0Ei4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlIj4KDFNhdmVSZXNwb25zZRIuCgZzdGF0dXMYASABKAsyHi5tb2RlbG1lc2guc3RhdGUudjEuU3luY1N0YXR1cyINCgtTeW5jUmVxdWVzdCI+CgxTeW5jUmVzcG9uc2USLgoGc3RhdHVzGAEgASgLMh4ubW9kZWxtZXNoLnN0YXRlLnYxLlN5bmNTdGF0dXMiFgoUR2V0U3luY1N0YXR1c1JlcXVlc3QiRwoVR2V0U3luY1N0YXR1c1Jlc3BvbnNlEi4KBnN0YXR1cxgBIAEoCzIeLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jU3RhdHVzMtwCChNTdGF0ZU1hbmFnZXJTZXJ2aWNlEkkKBExvYWQSHy5tb2RlbG1lc2guc3RhdGUudjEuTG9hZFJlcXVlc3QaIC5tb2RlbG1lc2guc3RhdGUudjEuTG9hZFJlc3BvbnNlEkkKBFNhdmUSHy5tb2RlbG1lc2guc3RhdGUudjEuU2F2ZVJlcXVlc3QaIC5tb2RlbG1lc2guc3RhdGUudjEuU2F2ZVJlc3BvbnNlEkkKBFN5bmMSHy5tb2RlbG1lc2guc3RhdGUudjEuU3luY1JlcXVlc3QaIC5tb2RlbG1lc2guc3RhdGUudjEuU3luY1Jlc3BvbnNlEmQKDUdldFN5bmNTdGF0dXMSKC5tb2RlbG1lc2guc3RhdGUudjEuR2V0U3luY1N0YXR1c1JlcXVlc3QaKS5tb2RlbG1lc2guc3RhdGUudjEuR2V0U3luY1N0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_modelmesh_state_v1_state]);
+  fileDesc("Ci5tb2RlbG1lc2gvc3RhdGUvdjEvc3RhdGVfbWFuYWdlcl9zZXJ2aWNlLnByb3RvEhJtb2RlbG1lc2guc3RhdGUudjEiDQoLTG9hZFJlcXVlc3QiPgoMTG9hZFJlc3BvbnNlEi4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlImcKC1NhdmVSZXF1ZXN0Ei4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlEigKBWZlbmNlGAIgASgLMhkubW9kZWxtZXNoLnN0YXRlLnYxLkZlbmNlIj4KDFNhdmVSZXNwb25zZRIuCgZzdGF0dXMYASABKAsyHi5tb2RlbG1lc2guc3RhdGUudjEuU3luY1N0YXR1cyINCgtTeW5jUmVxdWVzdCI+CgxTeW5jUmVzcG9uc2USLgoGc3RhdHVzGAEgASgLMh4ubW9kZWxtZXNoLnN0YXRlLnYxLlN5bmNTdGF0dXMiFgoUR2V0U3luY1N0YXR1c1JlcXVlc3QiRwoVR2V0U3luY1N0YXR1c1Jlc3BvbnNlEi4KBnN0YXR1cxgBIAEoCzIeLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jU3RhdHVzIhgKFldhdGNoU3luY1N0YXR1c1JlcXVlc3QiSQoXV2F0Y2hTeW5jU3RhdHVzUmVzcG9uc2USLgoGc3RhdHVzGAEgASgLMh4ubW9kZWxtZXNoLnN0YXRlLnYxLlN5bmNTdGF0dXMyzQYKE1N0YXRlTWFuYWdlclNlcnZpY2USSQoETG9hZBIfLm1vZGVsbWVzaC5zdGF0ZS52MS5Mb2FkUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5Mb2FkUmVzcG9uc2USSQoEU2F2ZRIfLm1vZGVsbWVzaC5zdGF0ZS52MS5TYXZlUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5TYXZlUmVzcG9uc2USSQoEU3luYxIfLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jUmVzcG9uc2USZAoNR2V0U3luY1N0YXR1cxIoLm1vZGVsbWVzaC5zdGF0ZS52MS5HZXRTeW5jU3RhdHVzUmVxdWVzdBopLm1vZGVsbWVzaC5zdGF0ZS52MS5HZXRTeW5jU3RhdHVzUmVzcG9uc2USbAoPV2F0Y2hTeW5jU3RhdHVzEioubW9kZWxtZXNoLnN0YXRlLnYxLldhdGNoU3luY1N0YXR1c1JlcXVlc3QaKy5tb2RlbG1lc2guc3RhdGUudjEuV2F0Y2hTeW5jU3RhdHVzUmVzcG9uc2UwARJeCgtBY3F1aXJlTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5BY3F1aXJlTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuQWNxdWlyZUxvY2tSZXNwb25zZRJeCgtSZWxlYXNlTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5SZWxlYXNlTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuUmVsZWFzZUxvY2tSZXNwb25zZRJeCgtSZWZyZXNoTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5SZWZyZXNoTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuUmVmcmVzaExvY2tSZXNwb25zZRJhCgxEZXNjcmliZUxvY2sSJy5tb2RlbG1lc2guc3RhdGUudjEuRGVzY3JpYmVMb2NrUmVxdWVzdBooLm1vZGVsbWVzaC5zdGF0ZS52MS5EZXNjcmliZUxvY2tSZXNwb25zZWIGcHJvdG8z", [file_modelmesh_state_v1_lock, file_modelmesh_state_v1_state]);
 
 /**
  * @generated from message modelmesh.state.v1.LoadRequest
@@ -57,6 +59,14 @@ export type SaveRequest = Message<"modelmesh.state.v1.SaveRequest"> & {
    * @generated from field: modelmesh.state.v1.SystemState state = 1;
    */
   state?: SystemState | undefined;
+
+  /**
+   * When set, the save commits only while this lock grant is current, else
+   * it fails with FAILED_PRECONDITION.
+   *
+   * @generated from field: modelmesh.state.v1.Fence fence = 2;
+   */
+  fence?: Fence | undefined;
 };
 
 /**
@@ -148,6 +158,36 @@ export const GetSyncStatusResponseSchema: GenMessage<GetSyncStatusResponse> = /*
   messageDesc(file_modelmesh_state_v1_state_manager_service, 7);
 
 /**
+ * @generated from message modelmesh.state.v1.WatchSyncStatusRequest
+ */
+export type WatchSyncStatusRequest = Message<"modelmesh.state.v1.WatchSyncStatusRequest"> & {
+};
+
+/**
+ * Describes the message modelmesh.state.v1.WatchSyncStatusRequest.
+ * Use `create(WatchSyncStatusRequestSchema)` to create a new message.
+ */
+export const WatchSyncStatusRequestSchema: GenMessage<WatchSyncStatusRequest> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 8);
+
+/**
+ * @generated from message modelmesh.state.v1.WatchSyncStatusResponse
+ */
+export type WatchSyncStatusResponse = Message<"modelmesh.state.v1.WatchSyncStatusResponse"> & {
+  /**
+   * @generated from field: modelmesh.state.v1.SyncStatus status = 1;
+   */
+  status?: SyncStatus | undefined;
+};
+
+/**
+ * Describes the message modelmesh.state.v1.WatchSyncStatusResponse.
+ * Use `create(WatchSyncStatusResponseSchema)` to create a new message.
+ */
+export const WatchSyncStatusResponseSchema: GenMessage<WatchSyncStatusResponse> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 9);
+
+/**
  * Persists and shares the runtime state of ModelMesh routers.
  *
  * @generated from service modelmesh.state.v1.StateManagerService
@@ -194,6 +234,58 @@ export const StateManagerService: GenService<{
     methodKind: "unary";
     input: typeof GetSyncStatusRequestSchema;
     output: typeof GetSyncStatusResponseSchema;
+  },
+  /**
+   * Sends the current synchronization status at once, then the latest status
+   * after each change. A slow reader receives only the latest status.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.WatchSyncStatus
+   */
+  watchSyncStatus: {
+    methodKind: "server_streaming";
+    input: typeof WatchSyncStatusRequestSchema;
+    output: typeof WatchSyncStatusResponseSchema;
+  },
+  /**
+   * Waits until the named lock is granted, or answers DEADLINE_EXCEEDED when
+   * the timeout passes first.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.AcquireLock
+   */
+  acquireLock: {
+    methodKind: "unary";
+    input: typeof AcquireLockRequestSchema;
+    output: typeof AcquireLockResponseSchema;
+  },
+  /**
+   * Ends a grant. Answers FAILED_PRECONDITION if it had already ended.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.ReleaseLock
+   */
+  releaseLock: {
+    methodKind: "unary";
+    input: typeof ReleaseLockRequestSchema;
+    output: typeof ReleaseLockResponseSchema;
+  },
+  /**
+   * Extends a grant by its ttl.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.RefreshLock
+   */
+  refreshLock: {
+    methodKind: "unary";
+    input: typeof RefreshLockRequestSchema;
+    output: typeof RefreshLockResponseSchema;
+  },
+  /**
+   * Returns the holder and waiters of a lock.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.DescribeLock
+   */
+  describeLock: {
+    methodKind: "unary";
+    input: typeof DescribeLockRequestSchema;
+    output: typeof DescribeLockResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_modelmesh_state_v1_state_manager_service, 0);
