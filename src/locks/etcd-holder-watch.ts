@@ -12,7 +12,7 @@ type HolderListener = (holder: Holder) => void;
  */
 type HolderWatchState = "reading" | "watching" | "closed";
 
-/** What a holder watch needs from its lock service. */
+/** Services that a holder watch uses from its lock service. */
 export interface HolderWatchContext {
   store: EtcdLockStore;
   logger: Logger;
@@ -122,7 +122,12 @@ export class EtcdHolderWatch {
     // After a reconnect, etcd3 replays events from the last revision it saw, and a read covers any gap.
     let connections = 0;
     watcher.on("connected", () => {
-      if (this.watcher === watcher && connections++ > 0) void this.sync();
+      if (this.watcher !== watcher || connections++ === 0) return;
+      this.context.logger.debug({ lock: this.name }, "holder watch reconnected");
+      void this.sync();
+    });
+    watcher.on("disconnected", (error) => {
+      if (this.watcher === watcher) this.context.logger.debug({ err: error, lock: this.name }, "holder watch disconnected");
     });
     // etcd3 1.1.2 emits "error" once when etcd cancels a watch, after a compaction for one, and then
     // never serves that watcher again. A new watcher starts from a fresh read.

@@ -21,14 +21,14 @@ const allowedTransitions: Readonly<Record<AttemptState, readonly AttemptState[]>
   ended: [],
 };
 
-/** Why an attempt stopped before it got the lock. */
+/** Reason an attempt stopped before it got the lock. */
 export type StopReason =
   | { kind: "timeout" }
   | { kind: "cancelled" }
   | { kind: "closing" }
   | { kind: "failed"; error: unknown };
 
-/** What an attempt needs from its lock service. */
+/** Services that an attempt uses from its lock service. */
 export interface AttemptContext {
   store: EtcdLockStore;
   logger: Logger;
@@ -98,6 +98,8 @@ export class EtcdLockAttempt {
     const requestedAt = new Date(this.startedAt).toISOString();
 
     this.throwIfStopped();
+    // NOTE: a grant that times out after etcd applied it leaves a lease this attempt never learns of.
+    // No key is attached to it, and etcd removes it after its TTL.
     this.lease = await store.grantLease(Math.ceil(this.options.ttlMs / 1000));
     this.throwIfStopped();
 
@@ -158,9 +160,9 @@ export class EtcdLockAttempt {
   }
 
   /**
-   * Resolves when `predecessorKey` is deleted, when the watch fails, or after
-   * `retryIntervalMs` as a safety net for a watch that stalls; rejects when
-   * the attempt stops.
+   * Resolves when `predecessorKey` is deleted or when the watch reconnects
+   * or fails. It also resolves after `retryIntervalMs`, as a safety net for a
+   * watch that stalls. It rejects when the attempt stops.
    */
   private waitForDeletion(predecessorKey: Buffer, startRevision: bigint): Promise<void> {
     const { store, logger, retryIntervalMs } = this.context;
@@ -168,7 +170,7 @@ export class EtcdLockAttempt {
     return new Promise<void>((resolve, reject) => {
       const watcher = store.watchDelete(predecessorKey, startRevision);
       let settled = false;
-      const finish = (outcome: "deleted" | "watch-failed" | "retry" | "stopped"): void => {
+      const finish = (outcome: "deleted" | "reconnected" | "watch-failed" | "retry" | "stopped"): void => {
         if (settled) return;
         settled = true;
         clearTimeout(retryTimer);
@@ -182,6 +184,14 @@ export class EtcdLockAttempt {
       const retryTimer = setTimeout(() => finish("retry"), retryIntervalMs);
       stopSignal.addEventListener("abort", onStop, { once: true });
       watcher.on("delete", () => finish("deleted"));
+      // After a reconnect, etcd3 resumes the watch from the last revision it received. Compaction
+      // drops a key's tombstone at the compaction revision (keyIndex.compact in etcd's mvcc package),
+      // so after a compaction at the deletion's revision the resumed watch starts without error and
+      // never reports the deletion. A read of the position covers that case.
+      let connections = 0;
+      watcher.on("connected", () => {
+        if (connections++ > 0) finish("reconnected");
+      });
       // etcd3 1.1.2 emits "error" once when etcd cancels the watch (after a compaction, for one)
       // and then drops the watcher for good, so the position is read again and a new watch made.
       watcher.on("error", (error) => {

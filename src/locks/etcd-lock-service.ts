@@ -37,9 +37,9 @@ const lockIdPattern = /^[0-9a-f]{1,16}$/;
 
 /**
  * Locks shared by every daemon on one etcd cluster. Each lock is a queue of
- * keys, one per caller, each attached to the caller's own lease; the key
- * with the lowest create revision holds the lock, and that revision is the
- * fencing token. The daemon does not keep a granted lease alive: a holder
+ * keys, one per caller, each attached to the caller's own lease. The key
+ * with the lowest create revision owns the lock, and that revision is the
+ * fencing token. The daemon does not keep a granted lease alive, so a holder
  * that stops refreshing loses the lock when etcd expires its lease, and the
  * next key in the queue takes over.
  */
@@ -170,7 +170,7 @@ export class EtcdLockService implements LockService {
       if (head?.token !== token) throw staleFence(name, token, head?.token);
       // Keys join the queue with ever higher create revisions, so while the head's key exists nothing
       // can move ahead of it. The connector's commit compares that key's create revision with the
-      // token, which makes the fence atomic with the write; `isCurrent` has nothing to add to that.
+      // token, which makes the fence atomic with the write. So `isCurrent` has nothing to add.
       return { lockName: name, token, etcdKey: head.key.toString("utf8"), isCurrent: () => true };
     } catch (error) {
       throw this.toServiceError(error, `check fencing token ${token} of lock "${name}"`);
@@ -244,7 +244,7 @@ export class EtcdLockService implements LockService {
 function holderOf(name: string, head: QueueEntry, ttlSeconds: number, readAt: number): NonNullable<Holder> {
   return {
     name,
-    // NOTE: a key without a parsable value was not written by this service; it still holds its place in the queue.
+    // NOTE: a key without a parsable value was not written by this service, but it keeps its place in the queue.
     owner: head.value?.owner ?? "",
     fencingToken: head.token,
     // A head without acquiredAt became the head a moment ago, and its daemon has not recorded the grant yet.

@@ -39,7 +39,7 @@ export interface QueueHead {
   revision: bigint;
 }
 
-/** Where an entry stands in its queue at one revision. */
+/** Position of an entry in its queue at one revision. */
 export type QueuePosition =
   | { kind: "gone"; revision: bigint }
   | { kind: "first"; revision: bigint }
@@ -82,7 +82,7 @@ export class EtcdLockStore {
    */
   async grantLease(ttlSeconds: number): Promise<GrantedLease> {
     const response = await this.client.leaseClient.leaseGrant({ TTL: ttlSeconds, ID: 0 }, this.callOptions());
-    if (response.error !== "") throw new Error(`etcd refused the lease: ${response.error}`);
+    if (response.error !== "") throw new Error(`etcd rejected the lease grant: ${response.error}`);
     return { leaseId: response.ID, lockId: BigInt(response.ID).toString(16), ttlSeconds: Number(response.TTL) };
   }
 
@@ -235,14 +235,14 @@ export class EtcdLockStore {
    * Starts watching `key` for its deletion from `startRevision` on, so a
    * delete between a read at `startRevision - 1` and the watch is replayed.
    * The watcher is returned unconnected, so the caller can attach its
-   * listeners before any event arrives; `WatchBuilder.create()` resolves
-   * only after the watcher connected, when a replayed event may have passed.
+   * listeners before any event arrives. `WatchBuilder.create()` resolves
+   * only after the watcher connected, and a replayed event may come first.
    */
   watchDelete(key: Buffer, startRevision: bigint): Watcher {
     return this.client.watch().key(key).startRevision(startRevision.toString()).only("delete").watcher();
   }
 
-  /** Starts watching every key of a queue from `startRevision` on; see `watchDelete` on why it is unconnected. */
+  /** Starts watching every key of a queue from `startRevision` on, unconnected for the reason `watchDelete` gives. */
   watchQueue(name: string, startRevision: bigint): Watcher {
     return this.client.watch().prefix(this.queuePrefix(name)).startRevision(startRevision.toString()).watcher();
   }

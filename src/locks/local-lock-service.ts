@@ -71,7 +71,7 @@ export class LocalLockService implements LockService {
     const queue = this.queueOf(options.name);
     const requestedAt = Date.now();
     if (queue.holder === undefined) return this.grant(options, queue, requestedAt);
-    // A zero timeout asks for the lock only if it is free now.
+    // A zero timeout requests the lock only if it is free now.
     if (options.timeoutMs === 0) throw this.timedOut(options, queue);
 
     return await new Promise<LockGrant>((resolve, reject) => {

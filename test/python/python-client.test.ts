@@ -73,7 +73,7 @@ afterAll(async () => {
 });
 
 describe("Python gRPC client", () => {
-  it("saves and loads a state through etcd", async () => {
+  it("saves, loads and locks through etcd", async () => {
     const daemon = await DaemonProcess.start({ configYaml: etcdConfigYaml(uniquePrefix()) });
 
     const result = parseClientOutput(await runStateClient(daemon.address));
@@ -91,6 +91,12 @@ describe("Python gRPC client", () => {
     expect(result["timestamp"]).toEqual({ seconds: "1767225600", nanos: 123_456_789 });
     expect(result["save_status"]).toEqual(expectedSyncStatus);
     expect(result["sync_status"]).toEqual(expectedSyncStatus);
+    const lock = result["lock"] as Record<string, unknown>;
+    expect(lock["owner"]).toBe("python-router");
+    expect(lock["name"]).toBe("state");
+    expect(BigInt(lock["fencing_token"] as string)).toBeGreaterThan(0n);
+    expect(lock["stream_showed_taken_and_released"]).toBe(true);
+    expect(lock["stale_fence_code"]).toBe("FAILED_PRECONDITION");
   });
 
   it("loads the saved state after a daemon restart", async () => {

@@ -21,6 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from modelmesh.state.v1 import state_manager_service_pb2 as service_pb2
 from modelmesh.state.v1 import state_manager_service_pb2_grpc as service_pb2_grpc
+from modelmesh.state.v1 import lock_pb2
 from modelmesh.state.v1 import state_pb2
 
 CALL_TIMEOUT_SECONDS = 10
@@ -149,6 +150,54 @@ def describe_sync_status(status):
     }
 
 
+def next_status_until(stream, condition, what):
+    """Read WatchSyncStatus responses until one satisfies condition; raise CheckFailed if the stream ends first."""
+    for response in stream:
+        if condition(response.status):
+            return response.status
+    raise CheckFailed(f"WatchSyncStatus ended before {what}")
+
+
+def exercise_lock_and_stream(stub, expected):
+    """Take the state lock, save under its fence, release it, and follow both on the status stream.
+
+    Returns a summary for the JSON result. The fenced save writes the expected
+    state again, so a later --verify-only run still finds it.
+    """
+    stream = stub.WatchSyncStatus(service_pb2.WatchSyncStatusRequest(), timeout=CALL_TIMEOUT_SECONDS)
+    try:
+        next_status_until(stream, lambda status: not status.locked, "the first status")
+
+        acquired = stub.AcquireLock(
+            lock_pb2.AcquireLockRequest(owner="python-router"), timeout=CALL_TIMEOUT_SECONDS
+        ).lock
+        locked = next_status_until(stream, lambda status: status.locked, "the lock was shown as taken")
+        if locked.lock_owner != "python-router":
+            raise CheckFailed(f"the status stream shows lock owner {locked.lock_owner!r}, expected 'python-router'")
+
+        fence = lock_pb2.Fence(token=acquired.fencing_token)
+        stub.Save(service_pb2.SaveRequest(state=expected, fence=fence), timeout=CALL_TIMEOUT_SECONDS)
+        stub.ReleaseLock(lock_pb2.ReleaseLockRequest(lock=acquired), timeout=CALL_TIMEOUT_SECONDS)
+        next_status_until(stream, lambda status: not status.locked, "the lock was shown as released")
+
+        # The grant has ended, so its fence no longer admits a write.
+        try:
+            stub.Save(service_pb2.SaveRequest(state=expected, fence=fence), timeout=CALL_TIMEOUT_SECONDS)
+            raise CheckFailed("Save with the fence of a released lock succeeded, expected FAILED_PRECONDITION")
+        except grpc.RpcError as error:
+            stale_fence_code = error.code().name
+    finally:
+        stream.cancel()
+
+    return {
+        "owner": acquired.owner,
+        "name": acquired.name,
+        "fencing_token": str(acquired.fencing_token),
+        "stream_showed_taken_and_released": True,
+        "stale_fence_code": stale_fence_code,
+    }
+
+
 def run(address, verify_only):
     expected = build_expected_state()
     result = {"address": address, "mode": "verify-only" if verify_only else "save-and-load"}
@@ -177,6 +226,9 @@ def run(address, verify_only):
         # Whole-message equality guards against a field that the walk above skipped.
         if loaded.state != expected:
             raise CheckFailed("the loaded state differs from the saved one in a field that the comparison missed")
+
+        if not verify_only:
+            result["lock"] = exercise_lock_and_stream(stub, expected)
 
         status = stub.GetSyncStatus(service_pb2.GetSyncStatusRequest(), timeout=CALL_TIMEOUT_SECONDS)
         check_sync_status(status.status, "GetSyncStatus")
