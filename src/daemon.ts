@@ -50,7 +50,7 @@ export async function startDaemon(config: DaemonConfig, logger: Logger): Promise
   const health = new HealthReporter();
   const server = new grpc.Server({
     "grpc.max_receive_message_length": config.server.maxReceiveMessageBytes,
-    // Large states are sent whole by Load; clients set their own receive limit.
+    // Load sends large states whole, and each client sets its own receive limit.
     "grpc.max_send_message_length": -1,
   });
 

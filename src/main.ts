@@ -56,7 +56,7 @@ async function runDaemon(config: DaemonConfig): Promise<number> {
   const logger = createLogger(config.logging.level);
   routeGrpcLogs(logger);
   process.on("unhandledRejection", (reason) => {
-    // A rejection nobody awaited is a bug of ours; logging it keeps clients served.
+    // A rejection that no code awaited is a bug in the daemon. Logging it, instead of exiting, keeps clients served.
     logger.error({ err: reason }, "unhandled promise rejection");
   });
 

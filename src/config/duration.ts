@@ -13,9 +13,3 @@ export function parseDurationMs(text: string): number | undefined {
   }
   return Number.isFinite(totalMs) ? Math.round(totalMs) : undefined;
 }
-
-/** Formats milliseconds the way configuration files write them. */
-export function formatDurationMs(durationMs: number): string {
-  if (durationMs % 1000 !== 0) return `${durationMs}ms`;
-  return `${durationMs / 1000}s`;
-}

@@ -13,7 +13,7 @@ export interface LockGrant {
   fencingToken: bigint;
 }
 
-/** Who holds a lock and how many wait for it. */
+/** The holder of a lock and the number of callers waiting for it. */
 export interface LockDescription {
   name: string;
   /** The current grant, without its lock id; undefined when the lock is free. */

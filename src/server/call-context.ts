@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 
-/** What a handler knows about the call it serves. */
+/** Information about the call that a handler serves. */
 export interface CallContext {
   /**
    * Fires when the client cancels, the deadline passes, the client goes away

@@ -12,7 +12,7 @@ export interface LockSettings {
   defaultTimeoutMs: number;
 }
 
-/** Longest ttl or timeout a request may ask for. */
+/** Maximum ttl or timeout of a request. */
 const maxLockDurationMs = 24 * 3_600_000;
 
 type LockHandlers = Pick<
@@ -34,7 +34,7 @@ export function lockHandlers(locks: LockService, settings: LockSettings): LockHa
       validateId(request.owner, "AcquireLockRequest.owner");
       const name = lockName(request.name, "AcquireLockRequest.name");
       const ttlMs = durationMs(request.ttl, "AcquireLockRequest.ttl") ?? settings.defaultTtlMs;
-      // A zero timeout asks for the lock only if it is free now.
+      // A zero timeout takes the lock only if it is free now.
       const timeoutMs = durationMs(request.timeout, "AcquireLockRequest.timeout", true) ?? settings.defaultTimeoutMs;
       const grant = await locks.acquire({ name, owner: request.owner, ttlMs, timeoutMs, signal: context.signal });
       return { lock: toHandle(grant) };

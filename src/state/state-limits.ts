@@ -1,4 +1,4 @@
-/** Longest model, provider or pool id accepted, in UTF-8 bytes. */
+/** Maximum length of a model, provider or pool id, in UTF-8 bytes. */
 export const maxIdBytes = 512;
 
 /** Most model ids one pool may list in its active and standby lists together. */

@@ -63,7 +63,7 @@ export class StateManager {
   /**
    * Loads the persisted state, retrying with backoff while the backend is
    * unreachable, so the daemon can start before its etcd. Calls that need the
-   * state answer UNAVAILABLE until the load succeeds. Resolves false if
+   * state fail with UNAVAILABLE until the load succeeds. Resolves false if
    * `shutdown` came first.
    */
   async start(): Promise<boolean> {

@@ -17,14 +17,14 @@ const maxTimestampSeconds = 253_402_300_799n;
 /**
  * Checks a whole state before anything of it is stored. Throws INVALID_ARGUMENT
  * naming the first bad field (such as `state.models["gpt-4o"].failure_count`),
- * or RESOURCE_EXHAUSTED when the state holds more than `maxEntities` entities.
+ * or RESOURCE_EXHAUSTED when the state contains more than `maxEntities` entities.
  */
 export function validateState(state: SystemState, maxEntities: number, path = "state"): void {
   const entityCount =
     Object.keys(state.models).length + Object.keys(state.providers).length + Object.keys(state.pools).length;
   if (entityCount > maxEntities) {
     throw resourceExhausted(
-      `cannot accept ${path}: it holds ${entityCount} models, providers and pools, over the limit of ${maxEntities} ` +
+      `cannot accept ${path}: it contains ${entityCount} models, providers and pools, over the limit of ${maxEntities} ` +
         `(server.max_state_entities)`,
     );
   }

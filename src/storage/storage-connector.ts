@@ -37,7 +37,7 @@ export interface StorageConnector {
    */
   save(state: SystemState, options?: SaveOptions): Promise<void>;
 
-  /** Resolves to true when the backend answers within its probe timeout. */
+  /** Resolves to true when the backend responds within its probe timeout. */
   isReachable(): Promise<boolean>;
 
   /** Releases connections and timers. The connector is unusable afterwards. */

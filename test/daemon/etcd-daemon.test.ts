@@ -81,7 +81,7 @@ describe("daemon on etcd", () => {
     await waitFor(async () => (await checkHealth(address, "", 2000)) === "SERVING", 15_000, "SERVING again");
   });
 
-  it("answers UNAVAILABLE for an immediate Save while etcd is down, keeping the old state", async () => {
+  it("rejects immediate Save while etcd is down", async () => {
     privateEtcd = await EtcdProcess.start();
     running = await startInProcessDaemon(etcdConfigYaml(privateEtcd.endpoint, "immediate"));
     const before = sampleState({ tokensUsed: 1n });

@@ -17,7 +17,7 @@ const silent = pino({ level: "silent" });
 interface Backend {
   name: string;
   yaml: string;
-  /** Reads the stored snapshot with a fresh connector; undefined for memory, which nobody else can read. */
+  /** Reads the stored snapshot with a fresh connector. Undefined for memory, which no other process can read. */
   readStored?: () => Promise<SystemState | undefined>;
   cleanup(): Promise<void>;
 }
