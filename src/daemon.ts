@@ -13,6 +13,7 @@ import { addService } from "./server/grpc-adapter.js";
 import { addHealthService, HealthReporter } from "./server/health-service.js";
 import { addReflectionService } from "./server/reflection-service.js";
 import { stateManagerService } from "./server/state-manager-service.js";
+import { createStateStore } from "./state/create-state-store.js";
 import { StateManager } from "./state/state-manager.js";
 import { SyncStatusFeed } from "./state/sync-status-feed.js";
 import { createConnector, describeStorage } from "./storage/create-connector.js";
@@ -36,7 +37,8 @@ export interface RunningDaemon {
 export async function startDaemon(config: DaemonConfig, logger: Logger): Promise<RunningDaemon> {
   const connector = await createConnector(config.storage, logger);
   const manager = new StateManager({
-    connector,
+    store: createStateStore(connector, config.storage, logger),
+    connectorId: connector.id,
     policy: config.storage.persistence.syncPolicy,
     syncIntervalMs: config.storage.persistence.syncIntervalMs,
     logger,
@@ -67,6 +69,8 @@ export async function startDaemon(config: DaemonConfig, logger: Logger): Promise
         defaultTimeoutMs: config.storage.locking.timeoutMs,
       },
       maxStateEntities: config.server.maxStateEntities,
+      maxUpdateChanges: config.server.maxUpdateChanges,
+      watchProgressIntervalMs: config.server.watchProgressIntervalMs,
     }),
     adapterOptions,
   );
@@ -124,6 +128,7 @@ export async function startDaemon(config: DaemonConfig, logger: Logger): Promise
       const saved = await manager.shutdown();
       await loading;
       stopWatchingLock();
+      await closeQuietly("state store", () => manager.close(), logger);
       await closeQuietly("lock service", () => locks.close(), logger);
       await closeQuietly(`storage connector ${connector.id}`, () => connector.close(), logger);
       logger.info({ reason, finalSaveSucceeded: saved }, "state daemon stopped");

@@ -43,6 +43,10 @@ export interface DaemonConfig {
     maxReceiveMessageBytes: number;
     /** Most models, providers and pools that one state may hold in all. Default 100,000. */
     maxStateEntities: number;
+    /** Most entity changes in one UpdateState request. Default 10,000. */
+    maxUpdateChanges: number;
+    /** Time after which a quiet WatchState stream gets a progress message. Default 5 s. */
+    watchProgressIntervalMs: number;
   };
   logging: {
     /** pino level: fatal, error, warn, info, debug or trace. Default info. */

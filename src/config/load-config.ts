@@ -25,6 +25,8 @@ export function defaultConfig(): DaemonConfig {
       shutdownTimeoutMs: 10_000,
       maxReceiveMessageBytes: 64 * 1024 * 1024,
       maxStateEntities: 100_000,
+      maxUpdateChanges: 10_000,
+      watchProgressIntervalMs: 5_000,
     },
     logging: { level: "info" },
   };
@@ -137,6 +139,18 @@ const settings: readonly Setting[] = [
     key: "server.max_state_entities",
     apply: (config, value) => {
       config.server.maxStateEntities = readPositiveInteger(value);
+    },
+  },
+  {
+    key: "server.max_update_changes",
+    apply: (config, value) => {
+      config.server.maxUpdateChanges = readPositiveInteger(value);
+    },
+  },
+  {
+    key: "server.watch_progress_interval",
+    apply: (config, value) => {
+      config.server.watchProgressIntervalMs = readPositiveDuration(value);
     },
   },
   {

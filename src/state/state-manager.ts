@@ -2,14 +2,19 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Logger } from "pino";
 import { syncPolicyName } from "../config/daemon-config.js";
+import type { UpdateStateRequest, UpdateStateResponse } from "../gen/modelmesh/state/v1/state_manager_service_pb.js";
 import { SyncPolicy, SyncStatusSchema, type SyncStatus, type SystemState } from "../gen/modelmesh/state/v1/state_pb.js";
 import { unavailable } from "../server/service-error.js";
 import type { VerifiedFence } from "../locks/lock-service.js";
-import { assertFenceCurrent } from "../storage/assert-fence-current.js";
-import type { StorageConnector } from "../storage/storage-connector.js";
+import type { ConnectorId } from "../storage/storage-connector.js";
+import type { ChangeLog } from "./change-log.js";
+import { countEntities } from "./entity-events.js";
+import type { StateStore } from "./state-store.js";
 
 export interface StateManagerOptions {
-  connector: StorageConnector;
+  store: StateStore;
+  /** Id of the storage connector behind the store, for the status and logs. */
+  connectorId: ConnectorId;
   policy: SyncPolicy;
   /** Time between flushes under the periodic policy. */
   syncIntervalMs: number;
@@ -20,26 +25,27 @@ export interface StateManagerOptions {
 const maxLoadRetryDelayMs = 10_000;
 
 /**
- * Holds the daemon's copy of the system state and writes it to the storage
- * connector as the sync policy prescribes:
+ * Decides, by the sync policy, when the daemon's state store writes to
+ * storage:
  *
  * - in-memory: never written, so lost on restart.
  * - sync-on-boundary: loaded at start, written at graceful shutdown.
  * - periodic: loaded at start, written every sync interval when changed, and at shutdown.
- * - immediate: loaded at start; a save returns only after the connector committed it.
+ * - immediate: loaded at start; a change returns only after storage committed it.
  *
- * Writes run one at a time, in the order they were accepted.
+ * Flushes run one at a time. Under the immediate policy the store commits
+ * each change itself and groups concurrent ones.
  */
 export class StateManager {
-  private readonly connector: StorageConnector;
+  private readonly store: StateStore;
+  private readonly connectorId: ConnectorId;
   private readonly policy: SyncPolicy;
   private readonly syncIntervalMs: number;
   private readonly logger: Logger;
 
-  private state: SystemState | undefined;
   private loaded = false;
   private stopped = false;
-  /** Changes accepted since start; each Save counts as one. */
+  /** Changes accepted since start; each Save and each UpdateState counts as one. */
   private acceptedChanges = 0;
   /** Value of `acceptedChanges` that the last successful write contained. */
   private persistedChanges = 0;
@@ -50,7 +56,8 @@ export class StateManager {
   private readonly statusListeners = new Set<() => void>();
 
   constructor(options: StateManagerOptions) {
-    this.connector = options.connector;
+    this.store = options.store;
+    this.connectorId = options.connectorId;
     this.policy = options.policy;
     this.syncIntervalMs = options.syncIntervalMs;
     this.logger = options.logger.child({ component: "state-manager" });
@@ -67,18 +74,13 @@ export class StateManager {
    * `shutdown` came first.
    */
   async start(): Promise<boolean> {
-    if (this.policy === SyncPolicy.IN_MEMORY) {
-      this.loaded = true;
-      this.notifyStatus();
-      return true;
-    }
     for (let attempt = 1, delayMs = 500; !this.stopped; attempt++, delayMs = Math.min(delayMs * 2, maxLoadRetryDelayMs)) {
       try {
         await this.loadFromConnector();
         return true;
       } catch (error) {
         this.logger.warn(
-          { err: error, connector: this.connector.id, attempt, retryInMs: delayMs },
+          { err: error, connector: this.connectorId, attempt, retryInMs: delayMs },
           "cannot load state at start; retrying",
         );
         await new Promise((resolve) => setTimeout(resolve, delayMs));
@@ -90,32 +92,47 @@ export class StateManager {
   /** Returns the state the daemon holds, or undefined when there is none. */
   current(): SystemState | undefined {
     this.assertLoaded();
-    return this.state;
+    return this.store.view();
+  }
+
+  /** Committed changes, for WatchState. */
+  get changeLog(): ChangeLog {
+    this.assertLoaded();
+    return this.store.changeLog;
+  }
+
+  /** The store, for WatchState snapshots and resumes. */
+  get stateStore(): StateStore {
+    this.assertLoaded();
+    return this.store;
   }
 
   /**
-   * Replaces the whole state. Under the immediate policy it resolves once the
-   * connector committed it, and a fence is checked atomically with that commit.
-   * Under the other policies a fence was checked by the caller and is checked
-   * again here for in-process locks.
+   * Replaces the whole state. Under the immediate policy it resolves once
+   * storage committed it, and a fence is checked atomically with that commit.
+   * Under the other policies a fence was checked by the caller.
    */
   async save(state: SystemState, fence?: VerifiedFence): Promise<void> {
     this.assertLoaded();
-    if (this.policy !== SyncPolicy.IMMEDIATE) {
-      assertFenceCurrent(fence);
-      this.state = state;
-      this.acceptedChanges++;
-      this.notifyStatus();
-      return;
+    const commit = this.policy === SyncPolicy.IMMEDIATE;
+    const startedAt = performance.now();
+    await this.store.save(state, fence, commit);
+    this.countAcceptedChange(commit);
+    if (commit) {
+      this.logger.info(
+        { reason: "save", entities: countEntities(state), durationMs: Math.round(performance.now() - startedAt) },
+        "state synced",
+      );
     }
-    // The daemon's copy changes only after the commit, so a failed write leaves no trace.
-    await this.enqueueWrite(async () => {
-      await this.writeToConnector(state, "save", this.acceptedChanges + 1, fence);
-      this.state = state;
-      this.acceptedChanges++;
-      this.persistedChanges = this.acceptedChanges;
-    });
-    this.notifyStatus();
+  }
+
+  /** Applies a validated UpdateState request, committed first under the immediate policy. */
+  async update(request: UpdateStateRequest, fence?: VerifiedFence): Promise<UpdateStateResponse> {
+    this.assertLoaded();
+    const commit = this.policy === SyncPolicy.IMMEDIATE;
+    const response = await this.store.update(request, fence, commit);
+    if (!response.replayed) this.countAcceptedChange(commit);
+    return response;
   }
 
   /**
@@ -137,7 +154,7 @@ export class StateManager {
       pendingChanges: BigInt(this.pendingChanges),
       locked: false,
       policy: this.policy,
-      connector: this.connector.id,
+      connector: this.connectorId,
     });
   }
 
@@ -163,11 +180,16 @@ export class StateManager {
       return true;
     } catch (error) {
       this.logger.error(
-        { err: error, pendingChanges: this.pendingChanges, connector: this.connector.id },
+        { err: error, pendingChanges: this.pendingChanges, connector: this.connectorId },
         "cannot write state at shutdown; changes since the last sync are lost",
       );
       return false;
     }
+  }
+
+  /** Stops following storage. Call after `shutdown`, which writes what is pending. */
+  async close(): Promise<void> {
+    await this.store.close();
   }
 
   private get pendingChanges(): number {
@@ -176,21 +198,31 @@ export class StateManager {
 
   private async loadFromConnector(): Promise<void> {
     const startedAt = performance.now();
-    const state = await this.connector.load();
-    this.state = state;
+    const loadPersisted = this.policy !== SyncPolicy.IN_MEMORY;
+    await this.store.open(loadPersisted);
     this.loaded = true;
-    this.lastSync = new Date();
+    if (loadPersisted) this.lastSync = new Date();
+    const state = this.store.view();
     this.logger.info(
       {
-        connector: this.connector.id,
+        connector: this.connectorId,
         policy: syncPolicyName(this.policy),
         found: state !== undefined,
-        models: state === undefined ? 0 : Object.keys(state.models).length,
+        entities: countEntities(state),
         durationMs: Math.round(performance.now() - startedAt),
       },
-      "state loaded",
+      loadPersisted ? "state loaded" : "state starts empty under the in-memory policy",
     );
     if (this.policy === SyncPolicy.PERIODIC) this.startPeriodicTimer();
+    this.notifyStatus();
+  }
+
+  private countAcceptedChange(committed: boolean): void {
+    this.acceptedChanges++;
+    if (committed) {
+      this.persistedChanges = this.acceptedChanges;
+      this.lastSync = new Date();
+    }
     this.notifyStatus();
   }
 
@@ -207,38 +239,26 @@ export class StateManager {
     }, this.syncIntervalMs);
   }
 
-  /** Writes the current state if it changed since the last write. */
+  /** Writes the accepted changes if there are any. */
   private async flush(reason: string): Promise<void> {
     await this.enqueueWrite(async () => {
-      if (this.pendingChanges === 0 || this.state === undefined) return;
+      if (this.pendingChanges === 0) return;
       const changesInWrite = this.acceptedChanges;
-      await this.writeToConnector(this.state, reason, changesInWrite);
+      const startedAt = performance.now();
+      await this.store.flush();
+      this.logger.info(
+        {
+          reason,
+          connector: this.connectorId,
+          changes: changesInWrite - this.persistedChanges,
+          durationMs: Math.round(performance.now() - startedAt),
+        },
+        "state synced",
+      );
       this.persistedChanges = changesInWrite;
+      this.lastSync = new Date();
     });
     this.notifyStatus();
-  }
-
-  private async writeToConnector(
-    state: SystemState,
-    reason: string,
-    changesInWrite: number,
-    fence?: VerifiedFence,
-  ): Promise<void> {
-    const startedAt = performance.now();
-    await this.connector.save(state, { fence });
-    this.lastSync = new Date();
-    this.logger.info(
-      {
-        reason,
-        connector: this.connector.id,
-        models: Object.keys(state.models).length,
-        providers: Object.keys(state.providers).length,
-        pools: Object.keys(state.pools).length,
-        changes: changesInWrite - this.persistedChanges,
-        durationMs: Math.round(performance.now() - startedAt),
-      },
-      "state synced",
-    );
   }
 
   private enqueueWrite(write: () => Promise<void>): Promise<void> {
@@ -250,7 +270,7 @@ export class StateManager {
   private assertLoaded(): void {
     if (!this.loaded) {
       throw unavailable(
-        `the state is not loaded from ${this.connector.id} yet; the daemon keeps retrying, so retry the call shortly`,
+        `the state is not loaded from ${this.connectorId} yet; the daemon keeps retrying, so retry the call shortly`,
       );
     }
   }

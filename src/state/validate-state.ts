@@ -51,6 +51,7 @@ function validateModel(model: ModelState, path: string, id: string): void {
   validateNonNegative(model.costAccumulated, `${path}.cost_accumulated`);
   validateTimestamp(model.lastRequest, `${path}.last_request`);
   validateTimestamp(model.lastFailure, `${path}.last_failure`);
+  validateTimestamp(model.cooldownUntil, `${path}.cooldown_until`);
   validateEnum(model.deactivationReason, DeactivationReason, `${path}.deactivation_reason`);
 }
 
@@ -93,31 +94,36 @@ export function validateId(id: string, path: string): void {
   }
 }
 
-function validateCounter(value: bigint, path: string): void {
+/** Rejects a negative counter. */
+export function validateCounter(value: bigint, path: string): void {
   if (value < 0n) {
     throw invalidArgument(`invalid ${path}: counters cannot be negative, got ${value}`);
   }
 }
 
-function validateNonNegative(value: number, path: string): void {
+/** Rejects a number that is negative, infinite or NaN. */
+export function validateNonNegative(value: number, path: string): void {
   if (!Number.isFinite(value) || value < 0) {
     throw invalidArgument(`invalid ${path}: expected a finite number of at least 0, got ${value}`);
   }
 }
 
-function validateFraction(value: number, path: string): void {
+/** Rejects a number outside 0 to 1, or NaN. */
+export function validateFraction(value: number, path: string): void {
   if (!Number.isFinite(value) || value < 0 || value > 1) {
     throw invalidArgument(`invalid ${path}: expected a finite number from 0 to 1, got ${value}`);
   }
 }
 
-function validateEnum(value: number, enumObject: Record<string, string | number>, path: string): void {
+/** Rejects a number that is not a value of the TypeScript enum `enumObject`. */
+export function validateEnum(value: number, enumObject: Record<string, string | number>, path: string): void {
   if (typeof enumObject[value] !== "string") {
     throw invalidArgument(`invalid ${path}: unknown enum value ${value}`);
   }
 }
 
-function validateTimestamp(timestamp: Timestamp | undefined, path: string): void {
+/** Rejects a timestamp outside the range of google.protobuf.Timestamp. An unset timestamp passes. */
+export function validateTimestamp(timestamp: Timestamp | undefined, path: string): void {
   if (timestamp === undefined) return;
   if (timestamp.seconds < minTimestampSeconds || timestamp.seconds > maxTimestampSeconds) {
     throw invalidArgument(`invalid ${path}: seconds ${timestamp.seconds} is outside years 0001 to 9999`);

@@ -13,6 +13,7 @@ import {
   type Lease,
 } from "etcd3";
 import type { Logger } from "pino";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import type { SystemState } from "../gen/modelmesh/state/v1/state_pb.js";
 import type { VerifiedFence } from "../locks/lock-service.js";
 import {
@@ -142,7 +143,7 @@ export class EtcdConnector implements StorageConnector {
     }
   }
 
-  async save(state: SystemState, options: SaveOptions = {}): Promise<void> {
+  async save(state: SystemState, options: SaveOptions = {}): Promise<bigint> {
     const { fence, signal } = options;
     const startedAt = performance.now();
     const generation = newGenerationId();
@@ -160,6 +161,7 @@ export class EtcdConnector implements StorageConnector {
     let step = `granting the lease of generation ${generation}`;
     let staged = false;
     let previous: string | undefined;
+    let revision = 0n;
     try {
       const leaseId = await lease.grant();
       step = `staging generation ${generation}`;
@@ -169,7 +171,7 @@ export class EtcdConnector implements StorageConnector {
       await this.writeBatches(generation, batches, signal);
       throwIfAborted(signal, `commit generation ${generation}`);
       step = `committing generation ${generation}`;
-      previous = await this.commitGeneration(generation, pointer, fence);
+      ({ previous, revision } = await this.commitGeneration(generation, pointer, fence));
     } catch (error) {
       if (staged) await this.discardGeneration(generation);
       throw this.toServiceError(error, `cannot save state to etcd at ${this.endpointList}: ${step} failed`);
@@ -181,10 +183,52 @@ export class EtcdConnector implements StorageConnector {
     const bytes = entities.reduce((sum, entity) => sum + entity.key.length + entity.value.length, 0);
     const durationMs = Math.round(performance.now() - startedAt);
     this.logger.info(
-      { generation, previous, entities: entities.length, bytes, transactions: batches.length, durationMs },
+      { generation, previous, revision, entities: entities.length, bytes, transactions: batches.length, durationMs },
       "state saved to etcd",
     );
     await this.removeOrphansQuietly();
+    return revision;
+  }
+
+  /**
+   * Sets the timestamp of the stored snapshot without rewriting its entities,
+   * and returns the revision of the change. Resolves undefined when nothing
+   * was ever saved, since there is no snapshot to stamp.
+   */
+  async setSnapshotTimestamp(timestamp: Timestamp | undefined): Promise<bigint | undefined> {
+    const currentKey = this.layout.currentKey;
+    for (let attempt = 1; attempt <= maxCommitAttempts; attempt++) {
+      try {
+        const response = await this.client.kv.range({ key: currentKey });
+        const currentValue = response.kvs[0];
+        if (currentValue === undefined) return undefined;
+        const { generation } = parseCurrentPointer(currentValue.value, currentKey.toString());
+        // Comparing the pointer's revision keeps a save that switched generations in between from being undone.
+        const result = await this.client.kv.txn({
+          compare: [{ key: currentKey, target: CompareTarget.Mod, result: CompareResult.Equal, mod_revision: currentValue.mod_revision }],
+          success: [{ request_put: { key: currentKey, value: encodeCurrentPointer(generation, timestamp) } }],
+        });
+        if (result.succeeded) return BigInt(result.header.revision);
+      } catch (error) {
+        throw this.toServiceError(error, `cannot set the snapshot timestamp in etcd at ${this.endpointList}`);
+      }
+    }
+    throw unavailable(`cannot set the snapshot timestamp in etcd at ${this.endpointList}: other saves kept replacing it`);
+  }
+
+  /**
+   * Tells whether etcd has compacted away the history at `revision`, so that
+   * a watch can no longer resume from it.
+   */
+  async isRevisionCompacted(revision: bigint): Promise<boolean> {
+    try {
+      await this.client.kv.range({ key: this.layout.currentKey, count_only: true, revision: revision.toString() });
+      return false;
+    } catch (error) {
+      // etcd answers OUT_OF_RANGE both for a compacted and for a future revision.
+      if (error instanceof GRPCOutOfRangeError) return true;
+      throw this.toServiceError(error, `cannot read etcd at ${this.endpointList} at revision ${revision}`);
+    }
   }
 
   async isReachable(): Promise<boolean> {
@@ -314,7 +358,7 @@ export class EtcdConnector implements StorageConnector {
     generation: string,
     pointer: Buffer,
     fence: VerifiedFence | undefined,
-  ): Promise<string | undefined> {
+  ): Promise<{ previous: string | undefined; revision: bigint }> {
     const currentKey = this.layout.currentKey;
     for (let attempt = 1; attempt <= maxCommitAttempts; attempt++) {
       // A fence of an in-process lock cannot be compared inside the transaction, so it is checked just before.
@@ -324,7 +368,7 @@ export class EtcdConnector implements StorageConnector {
       const previous = currentValue === undefined ? undefined : this.committedGeneration(currentValue);
 
       const result = await this.client.kv.txn(this.commitRequest(generation, pointer, currentValue, previous, fence));
-      if (result.succeeded) return previous;
+      if (result.succeeded) return { previous, revision: BigInt(result.header.revision) };
 
       // The failure branch reads the staging lease key first, then the fence's lock key.
       if (result.responses[0]?.response_range.count === "0") throw this.leaseExpiredError(generation);

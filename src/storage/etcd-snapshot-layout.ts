@@ -17,8 +17,10 @@ import { invalidArgument, resourceExhausted, unavailable } from "../server/servi
  *   P/generations/G/models/ID          protobuf ModelState
  *   P/generations/G/providers/ID       protobuf ProviderState
  *   P/generations/G/pools/ID           protobuf PoolState
+ *   P/generations/G/last-change        empty; put by every change writer transaction on generation G
  *   P/staging/G                        exists while generation G is not committed
  *   P/staging-leases/G                 attached to the writer's lease: exists while the writer is alive
+ *   P/idempotency/H                    change writer's record of a request, H = SHA-256 hex of its idempotency key
  */
 
 /** Folder name of each entity kind inside a generation. */
@@ -45,6 +47,19 @@ export interface CurrentPointer {
 }
 
 const generationIdPattern = /^[0-9a-f]{12}-[0-9a-f]{16}$/;
+
+/**
+ * Key of a generation's change marker, relative to the generation folder.
+ * The change writer puts it in every transaction that changes entities of
+ * the generation in place, so a copy of the generation can detect, through
+ * the marker's mod_revision, that it missed a change. It contains no entity.
+ */
+export const changeMarkerName = "last-change";
+
+/** Returns whether a key relative to a generation folder, such as `models/gpt-4o`, is the change marker rather than an entity. */
+export function isChangeMarker(relativeKey: string): boolean {
+  return relativeKey === changeMarkerName;
+}
 
 /** Builds the etcd keys of one connector prefix. */
 export class SnapshotLayout {
@@ -76,6 +91,15 @@ export class SnapshotLayout {
 
   entityKey(generation: string, kind: EntityKind, id: string): Buffer {
     return Buffer.from(`${this.prefix}/generations/${generation}/${kind}/${id}`);
+  }
+
+  changeMarkerKey(generation: string): Buffer {
+    return Buffer.from(`${this.prefix}/generations/${generation}/${changeMarkerName}`);
+  }
+
+  /** Key of the record of one idempotent request, named by the SHA-256 hex digest of its idempotency key. */
+  idempotencyKey(digest: string): Buffer {
+    return Buffer.from(`${this.prefix}/idempotency/${digest}`);
   }
 }
 
@@ -148,9 +172,11 @@ export function emptyState(timestamp: Timestamp | undefined): SystemState {
 /**
  * Decodes one key of a generation into `state`. `relativeKey` is the key
  * without the generation prefix, such as `models/gpt-4o`. Everything after
- * the first slash is the id, so ids may contain slashes.
+ * the first slash is the id, so ids may contain slashes. The change marker
+ * is skipped.
  */
 export function decodeEntity(state: SystemState, relativeKey: string, value: Uint8Array, fullKey: string): void {
+  if (isChangeMarker(relativeKey)) return;
   const slash = relativeKey.indexOf("/");
   const kind = relativeKey.slice(0, slash);
   const id = relativeKey.slice(slash + 1);

@@ -31,11 +31,12 @@ export interface StorageConnector {
   load(signal?: AbortSignal): Promise<SystemState | undefined>;
 
   /**
-   * Replaces the stored snapshot with `state`, resolving once it is committed.
+   * Replaces the stored snapshot with `state`, resolving once it is committed,
+   * with the storage revision of the commit where the backend has revisions.
    * With a fence, the commit happens only while the fence's lock grant is
    * current, else it throws FAILED_PRECONDITION and stores nothing.
    */
-  save(state: SystemState, options?: SaveOptions): Promise<void>;
+  save(state: SystemState, options?: SaveOptions): Promise<bigint | void>;
 
   /** Resolves to true when the backend responds within its probe timeout. */
   isReachable(): Promise<boolean>;

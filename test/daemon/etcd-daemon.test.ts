@@ -63,7 +63,7 @@ describe("daemon on etcd", () => {
 
     const error = await expectCallError(running.client.save({ state: sampleState({ models: 100_000 }) }));
     expect(error.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
-    expect(error.details).toContain("100003 models, providers and pools, over the limit of 100000");
+    expect(error.details).toContain("100022 models, providers and pools, over the limit of 100000");
     expect(equals(SystemStateSchema, (await running.client.load()).state!, small)).toBe(true);
   });
 

@@ -14,9 +14,14 @@ export interface SampleOptions {
   models?: number;
   /** tokens_used of every model, so tests can tell two snapshots apart. */
   tokensUsed?: bigint;
+  /** Text before each model's number in its id. Default "model-". */
+  idPrefix?: string;
 }
 
-/** Builds a state with `models` models, two providers and one pool listing every model. */
+/** Most models in one pool, so that no pool exceeds the size etcd accepts for one value. */
+const modelsPerPool = 5000;
+
+/** Builds a state with `models` models, two providers, and pools of at most 5,000 models that list every model. */
 export function sampleState(options: SampleOptions = {}): SystemState {
   const modelCount = options.models ?? 3;
   const init: MessageInitShape<typeof SystemStateSchema> = {
@@ -25,12 +30,13 @@ export function sampleState(options: SampleOptions = {}): SystemState {
       openai: { available: true, authValid: true, availabilityScore: 0.75, activeModelCount: 2n, totalQuotaUsed: 10n },
       anthropic: { available: false, authValid: true, lastProbe: timestampFromDate(new Date("2026-11-30T08:00:00Z")) },
     },
-    pools: { chat: { activeModels: [], standbyModels: [], rotationCount: 4n } },
+    pools: {},
     timestamp: timestampFromDate(new Date("2026-12-01T12:00:00.123Z")),
   };
-  const pool = init.pools!["chat"]!;
   for (let index = 0; index < modelCount; index++) {
-    const id = `model-${String(index).padStart(6, "0")}`;
+    const poolId = `chat-${Math.floor(index / modelsPerPool)}`;
+    const pool = (init.pools![poolId] ??= { activeModels: [], standbyModels: [], rotationCount: 4n });
+    const id = `${options.idPrefix ?? "model-"}${String(index).padStart(6, "0")}`;
     const standby = index % 10 === 9;
     init.models![id] = {
       status: standby ? ModelStatus.STANDBY : ModelStatus.ACTIVE,

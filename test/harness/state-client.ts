@@ -69,6 +69,18 @@ export class StateClient {
     return callUnary(this.grpcClient, StateManagerService.method.describeLock, { name });
   }
 
+  updateState(request: MessageInitShape<typeof StateManagerService.method.updateState.input>, options?: grpc.CallOptions) {
+    return callUnary(this.grpcClient, StateManagerService.method.updateState, request, options);
+  }
+
+  watchState(request: MessageInitShape<typeof StateManagerService.method.watchState.input> = {}, options?: grpc.CallOptions) {
+    return openServerStream(this.grpcClient, StateManagerService.method.watchState, request, options);
+  }
+
+  loadStream(options?: grpc.CallOptions) {
+    return openServerStream(this.grpcClient, StateManagerService.method.loadStream, {}, options);
+  }
+
   watchSyncStatus(options?: grpc.CallOptions) {
     return openServerStream(this.grpcClient, StateManagerService.method.watchSyncStatus, {}, options);
   }

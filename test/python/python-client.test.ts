@@ -97,6 +97,22 @@ describe("Python gRPC client", () => {
     expect(BigInt(lock["fencing_token"] as string)).toBeGreaterThan(0n);
     expect(lock["stream_showed_taken_and_released"]).toBe(true);
     expect(lock["stale_fence_code"]).toBe("FAILED_PRECONDITION");
+    const updates = result["updates"] as Record<string, string>;
+    expect(updates["tokens_after_retry"]).toBe(largeTokenCount);
+    expect(updates["watched_tokens"]).toBe(largeTokenCount);
+    expect(updates["watched_revision"]).toBe(updates["update_revision"]);
+  });
+
+  it("reads 50,000 models with default message limits", async () => {
+    const daemon = await DaemonProcess.start({ configYaml: etcdConfigYaml(uniquePrefix()) });
+
+    const result = parseClientOutput(await runStateClient(daemon.address, "--large"));
+
+    expect(result["request_bytes"]).toBeGreaterThan(4 * 1024 * 1024);
+    expect(result["unary_load"]).toBe("RESOURCE_EXHAUSTED");
+    expect(result["stream_models"]).toBe(50_000);
+    expect(result["stream_parts"]).toBeGreaterThan(1);
+    expect(result["stream_equal"]).toBe(true);
   });
 
   it("loads the saved state after a daemon restart", async () => {

@@ -1,11 +1,13 @@
 """Second-language client check of the StateManagerService wire contract.
 
-Usage: state_client.py ADDRESS [--verify-only]
+Usage: state_client.py ADDRESS [--verify-only | --large]
 
 Saves a known SystemState to the daemon at ADDRESS, loads it back, compares
 every field, reads the sync status and prints one JSON line with the results.
 With --verify-only it skips the save and expects the state that an earlier run
-saved, as a daemon restarted on the same storage must return it.
+saved, as a daemon restarted on the same storage must return it. With --large
+it saves 50,000 models and reads them back through LoadStream with gRPC's
+default 4 MiB receive limit.
 
 The stubs come from Debian's protoc and grpc_python_plugin; run it with
 PYTHONPATH set to their output folder. Exits 0 when everything matches, 1 on a
@@ -21,6 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from modelmesh.state.v1 import state_manager_service_pb2 as service_pb2
 from modelmesh.state.v1 import state_manager_service_pb2_grpc as service_pb2_grpc
+from modelmesh.state.v1 import changes_pb2
 from modelmesh.state.v1 import lock_pb2
 from modelmesh.state.v1 import state_pb2
 
@@ -198,6 +201,78 @@ def exercise_lock_and_stream(stub, expected):
     }
 
 
+def exercise_updates_and_watch(stub):
+    """Add tokens through UpdateState, retry with the same idempotency key, and follow it on WatchState."""
+    stream = stub.WatchState(
+        service_pb2.WatchStateRequest(kinds=[changes_pb2.ENTITY_KIND_MODEL], ids=["python/counter"]),
+        timeout=CALL_TIMEOUT_SECONDS,
+    )
+    try:
+        first = next(stream)
+        if not first.HasField("snapshot") or not first.snapshot.last:
+            raise CheckFailed("WatchState did not start with a one-message snapshot of an unknown model")
+
+        change = changes_pb2.ModelChange(id="python/counter", add=changes_pb2.ModelCounters(tokens_used=LARGE_TOKEN_COUNT))
+        request = service_pb2.UpdateStateRequest(models=[change], idempotency_key="python-request-1")
+        applied = stub.UpdateState(request, timeout=CALL_TIMEOUT_SECONDS)
+        retried = stub.UpdateState(request, timeout=CALL_TIMEOUT_SECONDS)
+        if applied.replayed or not retried.replayed or retried.revision != applied.revision:
+            raise CheckFailed("a retried idempotency key was not answered as a replay of the first request")
+
+        for message in stream:
+            if any(entry.id == "python/counter" for entry in message.changes):
+                watched = message
+                break
+        else:
+            raise CheckFailed("WatchState ended before the update arrived")
+    finally:
+        stream.cancel()
+
+    loaded = stub.Load(service_pb2.LoadRequest(), timeout=CALL_TIMEOUT_SECONDS)
+    # Removing the counter leaves the saved state as it was, for the --verify-only run after a restart.
+    removal = changes_pb2.ModelChange(id="python/counter", remove=True)
+    stub.UpdateState(service_pb2.UpdateStateRequest(models=[removal]), timeout=CALL_TIMEOUT_SECONDS)
+    return {
+        "tokens_after_retry": str(loaded.state.models["python/counter"].tokens_used),
+        "update_revision": str(applied.revision),
+        "watched_revision": str(watched.revision),
+        "watched_tokens": str(watched.changes[0].model.tokens_used),
+    }
+
+
+def run_large(address, model_count):
+    """Save MODEL_COUNT models, then read them with gRPC's default 4 MiB receive limit."""
+    state = state_pb2.SystemState()
+    for index in range(model_count):
+        model = state.models[f"provider-family/model-name-{index:06d}"]
+        model.status = state_pb2.MODEL_STATUS_ACTIVE
+        model.tokens_used = LARGE_TOKEN_COUNT + index
+        model.quota_used = index
+        model.error_rate = 0.25
+        model.cost_accumulated = index * 0.5
+        model.last_request.CopyFrom(timestamp(1_767_225_600 + index, 500_000_000))
+    result = {"mode": "large", "request_bytes": state.ByteSize()}
+
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.StateManagerServiceStub(channel)
+        stub.Save(service_pb2.SaveRequest(state=state), timeout=120)
+        try:
+            stub.Load(service_pb2.LoadRequest(), timeout=60)
+            result["unary_load"] = "OK"
+        except grpc.RpcError as error:
+            result["unary_load"] = error.code().name
+
+        merged = state_pb2.SystemState()
+        parts = 0
+        for response in stub.LoadStream(service_pb2.LoadStreamRequest(), timeout=120):
+            merged.MergeFrom(response.part)
+            parts += 1
+        result["stream_parts"] = parts
+        result["stream_models"] = len(merged.models)
+        result["stream_equal"] = merged == state
+    return result
+
+
 def run(address, verify_only):
     expected = build_expected_state()
     result = {"address": address, "mode": "verify-only" if verify_only else "save-and-load"}
@@ -229,6 +304,7 @@ def run(address, verify_only):
 
         if not verify_only:
             result["lock"] = exercise_lock_and_stream(stub, expected)
+            result["updates"] = exercise_updates_and_watch(stub)
 
         status = stub.GetSyncStatus(service_pb2.GetSyncStatusRequest(), timeout=CALL_TIMEOUT_SECONDS)
         check_sync_status(status.status, "GetSyncStatus")
@@ -248,14 +324,15 @@ def run(address, verify_only):
 def main(argv):
     arguments = argv[1:]
     verify_only = "--verify-only" in arguments
-    positional = [argument for argument in arguments if argument != "--verify-only"]
+    large = "--large" in arguments
+    positional = [argument for argument in arguments if argument not in ("--verify-only", "--large")]
     if len(positional) != 1 or positional[0].startswith("-"):
-        print("usage: state_client.py ADDRESS [--verify-only]", file=sys.stderr)
+        print("usage: state_client.py ADDRESS [--verify-only | --large]", file=sys.stderr)
         return 2
 
     address = positional[0]
     try:
-        result = run(address, verify_only)
+        result = run_large(address, 50_000) if large else run(address, verify_only)
     except CheckFailed as error:
         print(f"state_client: check failed: {error}", file=sys.stderr)
         return 1

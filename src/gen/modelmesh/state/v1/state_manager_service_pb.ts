@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { EntityChange, EntityKind, ModelChange, PoolChange, ProviderChange, SnapshotPart } from "./changes_pb.js";
+import { file_modelmesh_state_v1_changes } from "./changes_pb.js";
 import type { AcquireLockRequestSchema, AcquireLockResponseSchema, DescribeLockRequestSchema, DescribeLockResponseSchema, Fence, RefreshLockRequestSchema, RefreshLockResponseSchema, ReleaseLockRequestSchema, ReleaseLockResponseSchema } from "./lock_pb.js";
 import { file_modelmesh_state_v1_lock } from "./lock_pb.js";
 import type { SyncStatus, SystemState } from "./state_pb.js";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modelmesh/state/v1/state_manager_service.proto.
  */
 export const file_modelmesh_state_v1_state_manager_service: GenFile = /*@__PURE__*/
-  fileDesc("Ci5tb2RlbG1lc2gvc3RhdGUvdjEvc3RhdGVfbWFuYWdlcl9zZXJ2aWNlLnByb3RvEhJtb2RlbG1lc2guc3RhdGUudjEiDQoLTG9hZFJlcXVlc3QiPgoMTG9hZFJlc3BvbnNlEi4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlImcKC1NhdmVSZXF1ZXN0Ei4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlEigKBWZlbmNlGAIgASgLMhkubW9kZWxtZXNoLnN0YXRlLnYxLkZlbmNlIj4KDFNhdmVSZXNwb25zZRIuCgZzdGF0dXMYASABKAsyHi5tb2RlbG1lc2guc3RhdGUudjEuU3luY1N0YXR1cyINCgtTeW5jUmVxdWVzdCI+CgxTeW5jUmVzcG9uc2USLgoGc3RhdHVzGAEgASgLMh4ubW9kZWxtZXNoLnN0YXRlLnYxLlN5bmNTdGF0dXMiFgoUR2V0U3luY1N0YXR1c1JlcXVlc3QiRwoVR2V0U3luY1N0YXR1c1Jlc3BvbnNlEi4KBnN0YXR1cxgBIAEoCzIeLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jU3RhdHVzIhgKFldhdGNoU3luY1N0YXR1c1JlcXVlc3QiSQoXV2F0Y2hTeW5jU3RhdHVzUmVzcG9uc2USLgoGc3RhdHVzGAEgASgLMh4ubW9kZWxtZXNoLnN0YXRlLnYxLlN5bmNTdGF0dXMyzQYKE1N0YXRlTWFuYWdlclNlcnZpY2USSQoETG9hZBIfLm1vZGVsbWVzaC5zdGF0ZS52MS5Mb2FkUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5Mb2FkUmVzcG9uc2USSQoEU2F2ZRIfLm1vZGVsbWVzaC5zdGF0ZS52MS5TYXZlUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5TYXZlUmVzcG9uc2USSQoEU3luYxIfLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jUmVzcG9uc2USZAoNR2V0U3luY1N0YXR1cxIoLm1vZGVsbWVzaC5zdGF0ZS52MS5HZXRTeW5jU3RhdHVzUmVxdWVzdBopLm1vZGVsbWVzaC5zdGF0ZS52MS5HZXRTeW5jU3RhdHVzUmVzcG9uc2USbAoPV2F0Y2hTeW5jU3RhdHVzEioubW9kZWxtZXNoLnN0YXRlLnYxLldhdGNoU3luY1N0YXR1c1JlcXVlc3QaKy5tb2RlbG1lc2guc3RhdGUudjEuV2F0Y2hTeW5jU3RhdHVzUmVzcG9uc2UwARJeCgtBY3F1aXJlTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5BY3F1aXJlTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuQWNxdWlyZUxvY2tSZXNwb25zZRJeCgtSZWxlYXNlTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5SZWxlYXNlTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuUmVsZWFzZUxvY2tSZXNwb25zZRJeCgtSZWZyZXNoTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5SZWZyZXNoTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuUmVmcmVzaExvY2tSZXNwb25zZRJhCgxEZXNjcmliZUxvY2sSJy5tb2RlbG1lc2guc3RhdGUudjEuRGVzY3JpYmVMb2NrUmVxdWVzdBooLm1vZGVsbWVzaC5zdGF0ZS52MS5EZXNjcmliZUxvY2tSZXNwb25zZWIGcHJvdG8z", [file_modelmesh_state_v1_lock, file_modelmesh_state_v1_state]);
+  fileDesc("Ci5tb2RlbG1lc2gvc3RhdGUvdjEvc3RhdGVfbWFuYWdlcl9zZXJ2aWNlLnByb3RvEhJtb2RlbG1lc2guc3RhdGUudjEiDQoLTG9hZFJlcXVlc3QiPgoMTG9hZFJlc3BvbnNlEi4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlImcKC1NhdmVSZXF1ZXN0Ei4KBXN0YXRlGAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlEigKBWZlbmNlGAIgASgLMhkubW9kZWxtZXNoLnN0YXRlLnYxLkZlbmNlIj4KDFNhdmVSZXNwb25zZRIuCgZzdGF0dXMYASABKAsyHi5tb2RlbG1lc2guc3RhdGUudjEuU3luY1N0YXR1cyINCgtTeW5jUmVxdWVzdCI+CgxTeW5jUmVzcG9uc2USLgoGc3RhdHVzGAEgASgLMh4ubW9kZWxtZXNoLnN0YXRlLnYxLlN5bmNTdGF0dXMiFgoUR2V0U3luY1N0YXR1c1JlcXVlc3QiRwoVR2V0U3luY1N0YXR1c1Jlc3BvbnNlEi4KBnN0YXR1cxgBIAEoCzIeLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jU3RhdHVzIu4BChJVcGRhdGVTdGF0ZVJlcXVlc3QSLwoGbW9kZWxzGAEgAygLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLk1vZGVsQ2hhbmdlEjUKCXByb3ZpZGVycxgCIAMoCzIiLm1vZGVsbWVzaC5zdGF0ZS52MS5Qcm92aWRlckNoYW5nZRItCgVwb29scxgDIAMoCzIeLm1vZGVsbWVzaC5zdGF0ZS52MS5Qb29sQ2hhbmdlEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCRIoCgVmZW5jZRgFIAEoCzIZLm1vZGVsbWVzaC5zdGF0ZS52MS5GZW5jZSJsChNVcGRhdGVTdGF0ZVJlc3BvbnNlEhAKCHJldmlzaW9uGAEgASgDEhAKCHJlcGxheWVkGAIgASgIEjEKB2NoYW5nZXMYAyADKAsyIC5tb2RlbG1lc2guc3RhdGUudjEuRW50aXR5Q2hhbmdlIm0KEVdhdGNoU3RhdGVSZXF1ZXN0Ei0KBWtpbmRzGAEgAygOMh4ubW9kZWxtZXNoLnN0YXRlLnYxLkVudGl0eUtpbmQSCwoDaWRzGAIgAygJEhwKFHN0YXJ0X2FmdGVyX3JldmlzaW9uGAMgASgDIo0BChJXYXRjaFN0YXRlUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSMQoHY2hhbmdlcxgCIAMoCzIgLm1vZGVsbWVzaC5zdGF0ZS52MS5FbnRpdHlDaGFuZ2USMgoIc25hcHNob3QYAyABKAsyIC5tb2RlbG1lc2guc3RhdGUudjEuU25hcHNob3RQYXJ0IhMKEUxvYWRTdHJlYW1SZXF1ZXN0IlUKEkxvYWRTdHJlYW1SZXNwb25zZRItCgRwYXJ0GAEgASgLMh8ubW9kZWxtZXNoLnN0YXRlLnYxLlN5c3RlbVN0YXRlEhAKCHJldmlzaW9uGAIgASgDIhgKFldhdGNoU3luY1N0YXR1c1JlcXVlc3QiSQoXV2F0Y2hTeW5jU3RhdHVzUmVzcG9uc2USLgoGc3RhdHVzGAEgASgLMh4ubW9kZWxtZXNoLnN0YXRlLnYxLlN5bmNTdGF0dXMy6wgKE1N0YXRlTWFuYWdlclNlcnZpY2USSQoETG9hZBIfLm1vZGVsbWVzaC5zdGF0ZS52MS5Mb2FkUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5Mb2FkUmVzcG9uc2USSQoEU2F2ZRIfLm1vZGVsbWVzaC5zdGF0ZS52MS5TYXZlUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5TYXZlUmVzcG9uc2USSQoEU3luYxIfLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jUmVxdWVzdBogLm1vZGVsbWVzaC5zdGF0ZS52MS5TeW5jUmVzcG9uc2USZAoNR2V0U3luY1N0YXR1cxIoLm1vZGVsbWVzaC5zdGF0ZS52MS5HZXRTeW5jU3RhdHVzUmVxdWVzdBopLm1vZGVsbWVzaC5zdGF0ZS52MS5HZXRTeW5jU3RhdHVzUmVzcG9uc2USbAoPV2F0Y2hTeW5jU3RhdHVzEioubW9kZWxtZXNoLnN0YXRlLnYxLldhdGNoU3luY1N0YXR1c1JlcXVlc3QaKy5tb2RlbG1lc2guc3RhdGUudjEuV2F0Y2hTeW5jU3RhdHVzUmVzcG9uc2UwARJeCgtBY3F1aXJlTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5BY3F1aXJlTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuQWNxdWlyZUxvY2tSZXNwb25zZRJeCgtSZWxlYXNlTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5SZWxlYXNlTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuUmVsZWFzZUxvY2tSZXNwb25zZRJeCgtSZWZyZXNoTG9jaxImLm1vZGVsbWVzaC5zdGF0ZS52MS5SZWZyZXNoTG9ja1JlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuUmVmcmVzaExvY2tSZXNwb25zZRJhCgxEZXNjcmliZUxvY2sSJy5tb2RlbG1lc2guc3RhdGUudjEuRGVzY3JpYmVMb2NrUmVxdWVzdBooLm1vZGVsbWVzaC5zdGF0ZS52MS5EZXNjcmliZUxvY2tSZXNwb25zZRJeCgtVcGRhdGVTdGF0ZRImLm1vZGVsbWVzaC5zdGF0ZS52MS5VcGRhdGVTdGF0ZVJlcXVlc3QaJy5tb2RlbG1lc2guc3RhdGUudjEuVXBkYXRlU3RhdGVSZXNwb25zZRJdCgpXYXRjaFN0YXRlEiUubW9kZWxtZXNoLnN0YXRlLnYxLldhdGNoU3RhdGVSZXF1ZXN0GiYubW9kZWxtZXNoLnN0YXRlLnYxLldhdGNoU3RhdGVSZXNwb25zZTABEl0KCkxvYWRTdHJlYW0SJS5tb2RlbG1lc2guc3RhdGUudjEuTG9hZFN0cmVhbVJlcXVlc3QaJi5tb2RlbG1lc2guc3RhdGUudjEuTG9hZFN0cmVhbVJlc3BvbnNlMAFiBnByb3RvMw", [file_modelmesh_state_v1_changes, file_modelmesh_state_v1_lock, file_modelmesh_state_v1_state]);
 
 /**
  * @generated from message modelmesh.state.v1.LoadRequest
@@ -158,6 +160,191 @@ export const GetSyncStatusResponseSchema: GenMessage<GetSyncStatusResponse> = /*
   messageDesc(file_modelmesh_state_v1_state_manager_service, 7);
 
 /**
+ * @generated from message modelmesh.state.v1.UpdateStateRequest
+ */
+export type UpdateStateRequest = Message<"modelmesh.state.v1.UpdateStateRequest"> & {
+  /**
+   * @generated from field: repeated modelmesh.state.v1.ModelChange models = 1;
+   */
+  models: ModelChange[];
+
+  /**
+   * @generated from field: repeated modelmesh.state.v1.ProviderChange providers = 2;
+   */
+  providers: ProviderChange[];
+
+  /**
+   * @generated from field: repeated modelmesh.state.v1.PoolChange pools = 3;
+   */
+  pools: PoolChange[];
+
+  /**
+   * When set, a retry with the same key within 24 hours is not applied again
+   * and returns the first response, with replayed set.
+   *
+   * @generated from field: string idempotency_key = 4;
+   */
+  idempotencyKey: string;
+
+  /**
+   * When set, the update commits only while this lock grant is current.
+   *
+   * @generated from field: modelmesh.state.v1.Fence fence = 5;
+   */
+  fence?: Fence | undefined;
+};
+
+/**
+ * Describes the message modelmesh.state.v1.UpdateStateRequest.
+ * Use `create(UpdateStateRequestSchema)` to create a new message.
+ */
+export const UpdateStateRequestSchema: GenMessage<UpdateStateRequest> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 8);
+
+/**
+ * @generated from message modelmesh.state.v1.UpdateStateResponse
+ */
+export type UpdateStateResponse = Message<"modelmesh.state.v1.UpdateStateResponse"> & {
+  /**
+   * Storage revision at which the update took effect.
+   *
+   * @generated from field: int64 revision = 1;
+   */
+  revision: bigint;
+
+  /**
+   * True when an earlier request with the same idempotency key was applied.
+   *
+   * @generated from field: bool replayed = 2;
+   */
+  replayed: boolean;
+
+  /**
+   * New value of each changed entity, in request order.
+   *
+   * @generated from field: repeated modelmesh.state.v1.EntityChange changes = 3;
+   */
+  changes: EntityChange[];
+};
+
+/**
+ * Describes the message modelmesh.state.v1.UpdateStateResponse.
+ * Use `create(UpdateStateResponseSchema)` to create a new message.
+ */
+export const UpdateStateResponseSchema: GenMessage<UpdateStateResponse> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 9);
+
+/**
+ * @generated from message modelmesh.state.v1.WatchStateRequest
+ */
+export type WatchStateRequest = Message<"modelmesh.state.v1.WatchStateRequest"> & {
+  /**
+   * Kinds to watch. Empty means all kinds.
+   *
+   * @generated from field: repeated modelmesh.state.v1.EntityKind kinds = 1;
+   */
+  kinds: EntityKind[];
+
+  /**
+   * Entity ids to watch. Empty means all ids.
+   *
+   * @generated from field: repeated string ids = 2;
+   */
+  ids: string[];
+
+  /**
+   * Revision after which to resume, as an earlier response reported it. With
+   * 0 the stream starts with a snapshot of the current state.
+   *
+   * @generated from field: int64 start_after_revision = 3;
+   */
+  startAfterRevision: bigint;
+};
+
+/**
+ * Describes the message modelmesh.state.v1.WatchStateRequest.
+ * Use `create(WatchStateRequestSchema)` to create a new message.
+ */
+export const WatchStateRequestSchema: GenMessage<WatchStateRequest> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 10);
+
+/**
+ * @generated from message modelmesh.state.v1.WatchStateResponse
+ */
+export type WatchStateResponse = Message<"modelmesh.state.v1.WatchStateResponse"> & {
+  /**
+   * Revision the stream has reached: once the client has processed this
+   * message, it has every change up to this revision.
+   *
+   * @generated from field: int64 revision = 1;
+   */
+  revision: bigint;
+
+  /**
+   * Changes in revision order. Empty in a progress message, which the daemon
+   * sends while the state is quiet so that a client can tell a live stream.
+   *
+   * @generated from field: repeated modelmesh.state.v1.EntityChange changes = 2;
+   */
+  changes: EntityChange[];
+
+  /**
+   * Set on the messages of a snapshot. The entities of a snapshot replace
+   * everything the client held for the kinds and ids it watches.
+   *
+   * @generated from field: modelmesh.state.v1.SnapshotPart snapshot = 3;
+   */
+  snapshot?: SnapshotPart | undefined;
+};
+
+/**
+ * Describes the message modelmesh.state.v1.WatchStateResponse.
+ * Use `create(WatchStateResponseSchema)` to create a new message.
+ */
+export const WatchStateResponseSchema: GenMessage<WatchStateResponse> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 11);
+
+/**
+ * @generated from message modelmesh.state.v1.LoadStreamRequest
+ */
+export type LoadStreamRequest = Message<"modelmesh.state.v1.LoadStreamRequest"> & {
+};
+
+/**
+ * Describes the message modelmesh.state.v1.LoadStreamRequest.
+ * Use `create(LoadStreamRequestSchema)` to create a new message.
+ */
+export const LoadStreamRequestSchema: GenMessage<LoadStreamRequest> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 12);
+
+/**
+ * @generated from message modelmesh.state.v1.LoadStreamResponse
+ */
+export type LoadStreamResponse = Message<"modelmesh.state.v1.LoadStreamResponse"> & {
+  /**
+   * A part of the state; the client merges the maps of all parts. The first
+   * part carries the timestamp. No part is sent when there is no state.
+   *
+   * @generated from field: modelmesh.state.v1.SystemState part = 1;
+   */
+  part?: SystemState | undefined;
+
+  /**
+   * Storage revision of the state that the parts belong to.
+   *
+   * @generated from field: int64 revision = 2;
+   */
+  revision: bigint;
+};
+
+/**
+ * Describes the message modelmesh.state.v1.LoadStreamResponse.
+ * Use `create(LoadStreamResponseSchema)` to create a new message.
+ */
+export const LoadStreamResponseSchema: GenMessage<LoadStreamResponse> = /*@__PURE__*/
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 13);
+
+/**
  * @generated from message modelmesh.state.v1.WatchSyncStatusRequest
  */
 export type WatchSyncStatusRequest = Message<"modelmesh.state.v1.WatchSyncStatusRequest"> & {
@@ -168,7 +355,7 @@ export type WatchSyncStatusRequest = Message<"modelmesh.state.v1.WatchSyncStatus
  * Use `create(WatchSyncStatusRequestSchema)` to create a new message.
  */
 export const WatchSyncStatusRequestSchema: GenMessage<WatchSyncStatusRequest> = /*@__PURE__*/
-  messageDesc(file_modelmesh_state_v1_state_manager_service, 8);
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 14);
 
 /**
  * @generated from message modelmesh.state.v1.WatchSyncStatusResponse
@@ -185,7 +372,7 @@ export type WatchSyncStatusResponse = Message<"modelmesh.state.v1.WatchSyncStatu
  * Use `create(WatchSyncStatusResponseSchema)` to create a new message.
  */
 export const WatchSyncStatusResponseSchema: GenMessage<WatchSyncStatusResponse> = /*@__PURE__*/
-  messageDesc(file_modelmesh_state_v1_state_manager_service, 9);
+  messageDesc(file_modelmesh_state_v1_state_manager_service, 15);
 
 /**
  * Persists and shares the runtime state of ModelMesh routers.
@@ -286,6 +473,38 @@ export const StateManagerService: GenService<{
     methodKind: "unary";
     input: typeof DescribeLockRequestSchema;
     output: typeof DescribeLockResponseSchema;
+  },
+  /**
+   * Applies a batch of per-field changes atomically. Concurrent additions from
+   * many routers all count.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.UpdateState
+   */
+  updateState: {
+    methodKind: "unary";
+    input: typeof UpdateStateRequestSchema;
+    output: typeof UpdateStateResponseSchema;
+  },
+  /**
+   * Streams changes of the state, resumable from a revision.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.WatchState
+   */
+  watchState: {
+    methodKind: "server_streaming";
+    input: typeof WatchStateRequestSchema;
+    output: typeof WatchStateResponseSchema;
+  },
+  /**
+   * Returns the state in parts of at most about 1 MiB, for states larger than
+   * a client accepts in one message.
+   *
+   * @generated from rpc modelmesh.state.v1.StateManagerService.LoadStream
+   */
+  loadStream: {
+    methodKind: "server_streaming";
+    input: typeof LoadStreamRequestSchema;
+    output: typeof LoadStreamResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_modelmesh_state_v1_state_manager_service, 0);
