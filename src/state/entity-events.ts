@@ -14,7 +14,7 @@ import type { EntityEvent, EntityValue } from "./entity.js";
 
 const entityKinds = [EntityKind.MODEL, EntityKind.PROVIDER, EntityKind.POOL] as const;
 
-/** Returns the map of `state` that holds entities of `kind`. */
+/** Returns the map of `state` that contains the entities of `kind`. */
 export function entityMap(state: SystemState, kind: EntityKind): Record<string, EntityValue> {
   switch (kind) {
     case EntityKind.MODEL:

@@ -5,7 +5,7 @@ import { entityMap } from "./entity-events.js";
 
 /** Target size of one page, well below the 4 MiB that most gRPC clients accept by default. */
 const pageBytes = 1024 * 1024;
-/** Most entities in one page. */
+/** Maximum number of entities in one page. */
 const pageEntities = 1000;
 
 export interface PagedEntity {

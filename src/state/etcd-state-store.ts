@@ -49,9 +49,14 @@ const resumeCatchUpMs = 5_000;
  * its change log. Under the immediate policy changes are committed at once
  * (grouped by the change writer) and the call returns once the follower has
  * seen its own commit, so the next Load includes it. Under the other
- * policies changes wait in a pending set; a flush merges them onto the
- * values committed meanwhile, so concurrent additions all count and a value
- * that another daemon wrote later is not overwritten.
+ * policies changes wait in a pending set until a flush merges them onto the
+ * values committed meanwhile. Concurrent additions therefore all count, and a
+ * field that another daemon changed later keeps that daemon's value.
+ *
+ * NOTE: the merge compares values, not write times. When another daemon
+ * writes a field back to the value it had when this daemon accepted its
+ * change, that write is indistinguishable from no write, and the pending
+ * change replaces it.
  */
 export class EtcdStateStore implements StateStore {
   changeLog: ChangeLog = new ChangeLog(0n);
@@ -181,7 +186,7 @@ export class EtcdStateStore implements StateStore {
       compute: (stored) => mergeEntityChanges(entry.kind, base, stored, entry.changes.slice(0, taken)),
     }));
     const result = await this.writer.write({ writes });
-    if (result.replayed) throw new Error("a flush without an idempotency key was answered as a replay");
+    if (result.replayed) throw new Error("the change writer returned a replay for a flush, which has no idempotency key");
 
     batch.forEach(({ entry, taken }, index) => {
       const written = result.values[index];

@@ -21,7 +21,7 @@ export interface StateManagerOptions {
   logger: Logger;
 }
 
-/** Longest wait between two attempts to load the state at start. */
+/** Maximum wait between two attempts to load the state at start. */
 const maxLoadRetryDelayMs = 10_000;
 
 /**

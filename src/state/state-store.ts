@@ -4,11 +4,11 @@ import type { VerifiedFence } from "../locks/lock-service.js";
 import type { ChangeLog } from "./change-log.js";
 
 /**
- * Where the daemon keeps its state and how changes reach storage. The state
- * manager decides when, by its sync policy; a store decides how. With
- * `commit` set, a change resolves only once storage has committed it.
- * Without it, the change is accepted into the daemon's view and written by a
- * later `flush`.
+ * The storage side of the daemon's state: where the state is kept and how
+ * changes reach storage. The state manager decides when, by its sync policy,
+ * and a store decides how. With `commit` set, a change resolves only once
+ * storage has committed it. Without it, the change is accepted into the
+ * daemon's view and written by a later `flush`.
  */
 export interface StateStore {
   /** Committed changes, for WatchState. Valid after `open`. */

@@ -5,7 +5,7 @@ import type { StateManager } from "./state-manager.js";
 /**
  * Combines what SyncStatus reports: the state manager's sync progress, the
  * holder of the "state" lock as the lock backend shows it, and whether the
- * storage backend responds. Subscribers are told that something changed and
+ * storage backend responds. Subscribers learn only that something changed and
  * read the latest status themselves, so a slow one never builds a queue.
  */
 export class SyncStatusFeed {
