@@ -254,6 +254,14 @@ describe("large states", () => {
 
     const tooLarge = await expectCallError(reader.load());
     expect(tooLarge.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+
+    // WatchState sends the same state as a snapshot in messages the default limit accepts.
+    const stream = reader.watchState({ kinds: [EntityKind.MODEL] });
+    await stream.waitFor((message) => message.snapshot?.last === true, 30_000, "the end of the snapshot");
+    const snapshotModels = new Set(stream.messages.flatMap((message) => message.changes.map((change) => change.id)));
+    expect(snapshotModels.size).toBe(50_000);
+    expect(stream.messages.length).toBeGreaterThan(1);
+    stream.call.cancel();
   });
 });
 
