@@ -18,7 +18,7 @@ export interface SampleOptions {
   idPrefix?: string;
 }
 
-/** Most models in one pool, so that no pool exceeds the size etcd accepts for one value. */
+/** Maximum number of models in one pool, so that no pool exceeds the size etcd accepts for one value. */
 const modelsPerPool = 5000;
 
 /** Builds a state with `models` models, two providers, and pools of at most 5,000 models that list every model. */
