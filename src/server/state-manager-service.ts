@@ -1,6 +1,11 @@
-import { create } from "@bufbuild/protobuf";
+import { createHash } from "node:crypto";
+import { create, toBinary } from "@bufbuild/protobuf";
 import type { Fence } from "../gen/modelmesh/state/v1/lock_pb.js";
-import type { StateManagerService } from "../gen/modelmesh/state/v1/state_manager_service_pb.js";
+import {
+  UpdateStateRequestSchema,
+  type StateManagerService,
+  type UpdateStateRequest,
+} from "../gen/modelmesh/state/v1/state_manager_service_pb.js";
 import { SystemStateSchema } from "../gen/modelmesh/state/v1/state_pb.js";
 import { entityMap } from "../state/entity-events.js";
 import type { LockService } from "../locks/lock-service.js";
@@ -26,6 +31,18 @@ export interface StateManagerServiceOptions {
   maxUpdateChanges: number;
   /** Time after which a quiet WatchState stream gets a progress message. */
   watchProgressIntervalMs: number;
+}
+
+/**
+ * Binds an idempotency key to the content of its request, so that a retry is
+ * recognised only when it repeats the request exactly. A request that reuses
+ * a key with other content is applied as a new request rather than answered
+ * with another request's response.
+ */
+function contentBoundKey(request: UpdateStateRequest): string {
+  if (request.idempotencyKey === "") return "";
+  const content = toBinary(UpdateStateRequestSchema, { ...request, idempotencyKey: "" });
+  return `${request.idempotencyKey}#${createHash("sha256").update(content).digest("hex")}`;
 }
 
 /** Handlers of modelmesh.state.v1.StateManagerService. */
@@ -58,7 +75,8 @@ export function stateManagerService(options: StateManagerServiceOptions): Implem
 
     updateState: async (request) => {
       validateUpdateRequest(request, options.maxUpdateChanges);
-      return await manager.update(request, await checkFence(request.fence, "UpdateStateRequest.fence"));
+      const fence = await checkFence(request.fence, "UpdateStateRequest.fence");
+      return await manager.update({ ...request, idempotencyKey: contentBoundKey(request) }, fence);
     },
 
     watchState: async (request, context, send) =>

@@ -16,9 +16,10 @@ import {
   type PoolChange,
   type ProviderChange,
 } from "../gen/modelmesh/state/v1/changes_pb.js";
-import { ModelStateSchema, PoolStateSchema, ProviderStateSchema } from "../gen/modelmesh/state/v1/state_pb.js";
+import { ModelStateSchema, PoolStateSchema, ProviderStateSchema, type PoolState } from "../gen/modelmesh/state/v1/state_pb.js";
 import { failedPrecondition, invalidArgument } from "../server/service-error.js";
 import { entityKindName, type AnyEntityChange, type EntityValue } from "./entity.js";
+import { maxPoolMembers } from "./state-limits.js";
 
 /**
  * Messages of one entity kind. The fields of `counters` and `times` carry the
@@ -116,11 +117,21 @@ export function applyEntityChange(
   stored: EntityValue | undefined,
   entityLabel?: string,
 ): EntityValue | undefined {
-  return applyChangeParts(entry, stored, {
-    label: entityLabel ?? entityLabelOf(entry.kind, entry.change.id),
-    writesField: () => true,
-    counterOverflow: "reject",
-  });
+  const label = entityLabel ?? entityLabelOf(entry.kind, entry.change.id);
+  const value = applyChangeParts(entry, stored, { label, writesField: () => true, counterOverflow: "reject" });
+  if (entry.kind === EntityKind.POOL && value !== undefined) assertPoolSize(value as PoolState, label);
+  return value;
+}
+
+/**
+ * Keeps a pool within the member limit that Save enforces, so that a state
+ * read with Load can always be saved again.
+ */
+function assertPoolSize(pool: PoolState, label: string): void {
+  const members = pool.activeModels.length + pool.standbyModels.length;
+  if (members > maxPoolMembers) {
+    throw failedPrecondition(`cannot update ${label}: it would list ${members} models, over the limit of ${maxPoolMembers}`);
+  }
 }
 
 /** Returns the name of an entity in messages, such as `model "gpt-4o"`. */

@@ -76,20 +76,21 @@ export class ChangeLog {
     this.notify();
   }
 
-  /** Returns at most `limit` events after `afterRevision`, or "too-old" if some were dropped. */
+  /**
+   * Returns the events after `afterRevision`: about `limit` of them, but
+   * always whole revisions, so a revision's events are never split across two
+   * reads. Returns "too-old" if some of the events were dropped.
+   */
   readAfter(afterRevision: bigint, limit: number): ChangeLogRead {
     if (afterRevision < this.horizon) return { kind: "too-old", oldestRevision: this.horizon };
     const first = this.firstIndexAfter(afterRevision);
-    const events = this.events.slice(first, first + limit);
-    // A page must not end inside a revision, so that the reported revision is complete.
-    while (events.length === limit && first + limit < this.events.length) {
-      const next = this.events[first + events.length];
-      if (next === undefined || next.revision !== events.at(-1)?.revision) break;
-      events.push(next);
+    let end = Math.min(first + limit, this.events.length);
+    if (end > first) {
+      const lastRevision = this.events[end - 1]!.revision;
+      while (end < this.events.length && this.events[end]!.revision === lastRevision) end++;
     }
-    const revision = events.length === 0 || first + events.length >= this.events.length
-      ? this.latestRevision
-      : events.at(-1)!.revision;
+    const events = this.events.slice(first, end);
+    const revision = end >= this.events.length ? this.latestRevision : this.events[end - 1]!.revision;
     return { kind: "events", events, revision };
   }
 

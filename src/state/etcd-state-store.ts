@@ -68,11 +68,14 @@ export class EtcdStateStore implements StateStore {
   private follower: EtcdStateFollower | undefined;
   private readonly writer: EtcdChangeWriter;
   private readonly logger: Logger;
+  /** The daemon's logger, for the follower and writer, which add their own component and prefix. */
+  private readonly rootLogger: Logger;
 
   constructor(
     private readonly options: EtcdStateStoreOptions,
     logger: Logger,
   ) {
+    this.rootLogger = logger;
     this.logger = logger.child({ component: "etcd-state-store", prefix: options.prefix });
     this.writer = new EtcdChangeWriter(
       {
@@ -94,7 +97,7 @@ export class EtcdStateStore implements StateStore {
         endpoints: this.options.endpoints,
         requestTimeoutMs: this.options.requestTimeoutMs,
       },
-      this.logger,
+      this.rootLogger,
       {
         onSnapshot: (state, revision, resync) => {
           if (first) {

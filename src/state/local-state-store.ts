@@ -34,6 +34,7 @@ export class LocalStateStore implements StateStore {
   private state: SystemState | undefined;
   private revision = 0n;
   private readonly idempotency = new IdempotencyCache();
+  private readonly inFlight = new Map<string, Promise<UpdateStateResponse>>();
   private readonly queue: QueuedCommit[] = [];
   private writing = false;
 
@@ -75,6 +76,22 @@ export class LocalStateStore implements StateStore {
     const key = request.idempotencyKey;
     const replay = key === "" ? undefined : this.idempotency.get(key);
     if (replay !== undefined) return { ...fromBinary(UpdateStateResponseSchema, replay), replayed: true };
+    // A retry that arrives while the first request still waits for its write gets that request's outcome.
+    const inFlight = key === "" ? undefined : this.inFlight.get(key);
+    if (inFlight !== undefined) return { ...(await inFlight), replayed: true };
+    if (key === "") return await this.apply(request, fence, commit);
+
+    const applying = this.apply(request, fence, commit);
+    this.inFlight.set(key, applying);
+    try {
+      return await applying;
+    } finally {
+      this.inFlight.delete(key);
+    }
+  }
+
+  private async apply(request: UpdateStateRequest, fence: VerifiedFence | undefined, commit: boolean): Promise<UpdateStateResponse> {
+    const key = request.idempotencyKey;
 
     const changes = changesOfRequest(request);
     let response: UpdateStateResponse | undefined;

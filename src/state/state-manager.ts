@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Logger } from "pino";
@@ -45,6 +46,8 @@ export class StateManager {
 
   private loaded = false;
   private stopped = false;
+  /** Aborted by `shutdown`, which ends the wait between two load attempts. */
+  private readonly stopController = new AbortController();
   /** Changes accepted since start; each Save and each UpdateState counts as one. */
   private acceptedChanges = 0;
   /** Value of `acceptedChanges` that the last successful write contained. */
@@ -79,11 +82,13 @@ export class StateManager {
         await this.loadFromConnector();
         return true;
       } catch (error) {
+        // The first failure is logged whole; repeats only by message, so a long outage does not flood the log.
+        const reason = attempt === 1 ? { err: error } : { error: (error as Error).message };
         this.logger.warn(
-          { err: error, connector: this.connectorId, attempt, retryInMs: delayMs },
+          { ...reason, connector: this.connectorId, attempt, retryInMs: delayMs },
           "cannot load state at start; retrying",
         );
-        await new Promise((resolve) => setTimeout(resolve, delayMs));
+        await sleep(delayMs, undefined, { signal: this.stopController.signal }).catch(() => undefined);
       }
     }
     return false;
@@ -171,6 +176,7 @@ export class StateManager {
    */
   async shutdown(): Promise<boolean> {
     this.stopped = true;
+    this.stopController.abort();
     clearInterval(this.periodicTimer);
     this.periodicTimer = undefined;
     this.nextSync = undefined;

@@ -186,9 +186,8 @@ function validateSetValue(kind: EntityKind, change: EntityChangeMessage, fieldNa
 }
 
 /**
- * Checks the member limit over the lists that set_fields names.
- * NOTE: a stored list that set does not replace is not counted, so a pool
- * can end with more members than the limit.
+ * Checks the member limit over the lists that set_fields names. Applying the
+ * change checks the limit again over both lists of the resulting pool.
  */
 function validatePoolMemberCount(pool: PoolState, paths: readonly string[], path: string): void {
   const memberCount =

@@ -6,7 +6,8 @@ import { pino } from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { EntityKind } from "../../src/gen/modelmesh/state/v1/changes_pb.js";
 import { LocalFileConnector } from "../../src/storage/local-file-connector.js";
-import { startInProcessDaemon, type InProcessDaemon } from "../harness/in-process-daemon.js";
+import { startInProcessDaemon, waitFor, type InProcessDaemon } from "../harness/in-process-daemon.js";
+import { sampleState } from "../harness/sample-state.js";
 import { expectCallError, StateClient } from "../harness/state-client.js";
 
 let running: InProcessDaemon | undefined;
@@ -70,7 +71,57 @@ describe("UpdateState on the local-file connector", () => {
   });
 });
 
+describe("UpdateState idempotency on the local-file connector", () => {
+  it("applies concurrent retries of one key once", async () => {
+    await startLocalFile("immediate");
+    const request = { models: [{ id: "m", add: { tokensUsed: 1n } }], idempotencyKey: "retry-1" };
+    const responses = await Promise.all(Array.from({ length: 20 }, () => running!.client.updateState(request)));
+
+    expect(responses.filter((response) => !response.replayed)).toHaveLength(1);
+    expect(new Set(responses.map((response) => response.revision)).size).toBe(1);
+    expect((await running!.client.load()).state?.models["m"]?.tokensUsed).toBe(1n);
+  });
+
+  it("applies a reused key with other content as a new request", async () => {
+    await startLocalFile("immediate");
+    await running!.client.updateState({ models: [{ id: "m", add: { tokensUsed: 1n } }], idempotencyKey: "reused" });
+    const other = await running!.client.updateState({ models: [{ id: "m", add: { tokensUsed: 5n } }], idempotencyKey: "reused" });
+
+    expect(other.replayed).toBe(false);
+    expect((await running!.client.load()).state?.models["m"]?.tokensUsed).toBe(6n);
+  });
+
+  it("refuses an update that would overfill a pool", async () => {
+    await startLocalFile("immediate");
+    const members = (list: string) => Array.from({ length: 60_000 }, (_, index) => `${list}-${index}`);
+    await running!.client.updateState({ pools: [{ id: "p", set: { activeModels: members("a") }, setFields: { paths: ["active_models"] } }] });
+
+    const error = await expectCallError(
+      running!.client.updateState({ pools: [{ id: "p", set: { standbyModels: members("s") }, setFields: { paths: ["standby_models"] } }] }),
+    );
+    expect(error.code).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(error.details).toContain("120000 models, over the limit of 100000");
+  });
+});
+
 describe("WatchState on the memory connector", () => {
+  it("sends every change of a large Save", async () => {
+    running = await startInProcessDaemon("storage:\n  connector: modelmesh.memory.v1\n  persistence: { sync_policy: immediate }\n");
+    const stream = running.client.watchState({ kinds: [EntityKind.MODEL] });
+    await stream.waitFor((message) => message.snapshot?.last === true, 5000, "the snapshot");
+
+    await running.client.save({ state: sampleState({ models: 2000 }) });
+    await waitFor(
+      () => stream.messages.filter((message) => !message.snapshot).flatMap((message) => message.changes).length >= 2000,
+      10_000,
+      "2000 model changes",
+    );
+    const ids = stream.messages.filter((message) => !message.snapshot).flatMap((message) => message.changes.map((change) => change.id));
+    expect(new Set(ids).size).toBe(2000);
+    stream.call.cancel();
+  });
+
+
   it("streams a snapshot, then changes, and resumes", async () => {
     running = await startInProcessDaemon("storage:\n  connector: modelmesh.memory.v1\n  persistence: { sync_policy: immediate }\n");
     const client = running.client;
