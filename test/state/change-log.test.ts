@@ -1,7 +1,13 @@
 import { describe, expect, it } from "vitest";
 import { EntityKind } from "../../src/gen/modelmesh/state/v1/changes_pb.js";
-import { ChangeLog } from "../../src/state/change-log.js";
+import { ChangeLog, type ChangeLogRead } from "../../src/state/change-log.js";
 import type { EntityEvent } from "../../src/state/entity.js";
+
+/** Returns the events of a read, failing the test when the read was too old. */
+function eventsRead(read: ChangeLogRead): { events: EntityEvent[]; revision: bigint } {
+  if (read.kind !== "events") throw new Error(`expected events, got a too-old read at ${read.oldestRevision}`);
+  return read;
+}
 
 function events(revision: bigint, count: number): EntityEvent[] {
   return Array.from({ length: count }, (_, index) => ({ revision, kind: EntityKind.MODEL, id: `m${index}`, value: undefined }));
@@ -19,18 +25,18 @@ describe("ChangeLog.readAfter()", () => {
     expect(first.events).toHaveLength(2000);
     expect(first.revision).toBe(11n);
 
-    const second = log.readAfter(first.revision, 500);
-    expect(second.kind === "events" && second.events.length).toBe(3);
-    expect(second.kind === "events" && second.revision).toBe(12n);
+    const second = eventsRead(log.readAfter(first.revision, 500));
+    expect(second.events).toHaveLength(3);
+    expect(second.revision).toBe(12n);
   });
 
   it("splits pages only between revisions", () => {
     const log = new ChangeLog(0n);
     for (let revision = 1n; revision <= 10n; revision++) log.append(events(revision, 3), revision);
 
-    const page = log.readAfter(0n, 4);
-    expect(page.kind === "events" && page.events.map((event) => event.revision)).toEqual([1n, 1n, 1n, 2n, 2n, 2n]);
-    expect(page.kind === "events" && page.revision).toBe(2n);
+    const page = eventsRead(log.readAfter(0n, 4));
+    expect(page.events.map((event) => event.revision)).toEqual([1n, 1n, 1n, 2n, 2n, 2n]);
+    expect(page.revision).toBe(2n);
   });
 
   it("reports the latest revision after progress without events", () => {
@@ -45,8 +51,8 @@ describe("ChangeLog.readAfter()", () => {
     for (let revision = 1n; revision <= 5n; revision++) log.append(events(revision, 2), revision);
 
     expect(log.readAfter(0n, 100).kind).toBe("too-old");
-    const kept = log.readAfter(log.oldestResumableRevision, 100);
-    expect(kept.kind === "events" && kept.events[0]?.revision).toBe(log.oldestResumableRevision + 1n);
+    const kept = eventsRead(log.readAfter(log.oldestResumableRevision, 100));
+    expect(kept.events[0]?.revision).toBe(log.oldestResumableRevision + 1n);
   });
 
   it("forgets everything on reset", () => {
