@@ -25,9 +25,9 @@ export interface StateManagerServiceOptions {
   statusFeed: SyncStatusFeed;
   locks: LockService;
   lockSettings: LockSettings;
-  /** Most models, providers and pools that one saved state may hold in all. */
+  /** Maximum number of models, providers and pools in one saved state, all kinds together. */
   maxStateEntities: number;
-  /** Most entity changes in one UpdateState request. */
+  /** Maximum number of entity changes in one UpdateState request. */
   maxUpdateChanges: number;
   /** Time after which a quiet WatchState stream gets a progress message. */
   watchProgressIntervalMs: number;
@@ -36,8 +36,8 @@ export interface StateManagerServiceOptions {
 /**
  * Binds an idempotency key to the content of its request, so that a retry is
  * recognised only when it repeats the request exactly. A request that reuses
- * a key with other content is applied as a new request rather than answered
- * with another request's response.
+ * a key with other content is applied as a new request, instead of receiving
+ * the response of another request.
  */
 function contentBoundKey(request: UpdateStateRequest): string {
   if (request.idempotencyKey === "") return "";
