@@ -78,7 +78,7 @@ export type RewriteOutcome =
  * copies the whole generation, so the bound is lower than for small commits.
  * NOTE: other daemons that commit small changes more often than one copy
  * takes can make every attempt fail, and the request then fails with
- * UNAVAILABLE. Nothing holds them off during a rewrite.
+ * UNAVAILABLE, because nothing pauses the other writers during a rewrite.
  */
 const maxRewriteAttempts = 10;
 

@@ -225,7 +225,7 @@ export class EtcdConnector implements StorageConnector {
       await this.client.kv.range({ key: this.layout.currentKey, count_only: true, revision: revision.toString() });
       return false;
     } catch (error) {
-      // etcd answers OUT_OF_RANGE both for a compacted and for a future revision.
+      // etcd returns OUT_OF_RANGE both for a compacted and for a future revision.
       if (error instanceof GRPCOutOfRangeError) return true;
       throw this.toServiceError(error, `cannot read etcd at ${this.endpointList} at revision ${revision}`);
     }

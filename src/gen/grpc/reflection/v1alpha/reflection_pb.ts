@@ -246,7 +246,7 @@ export const ErrorResponseSchema: GenMessage<ErrorResponse> = /*@__PURE__*/
  */
 export const ServerReflection: GenService<{
   /**
-   * Answers each request of the stream with one response, in order.
+   * Sends one response for each request of the stream, in order.
    *
    * @generated from rpc grpc.reflection.v1alpha.ServerReflection.ServerReflectionInfo
    */

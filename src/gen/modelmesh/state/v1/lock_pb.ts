@@ -103,7 +103,7 @@ export const FenceSchema: GenMessage<Fence> = /*@__PURE__*/
  */
 export type AcquireLockRequest = Message<"modelmesh.state.v1.AcquireLockRequest"> & {
   /**
-   * Who asks, for logs and DescribeLock, for example "router-7". Required.
+   * Name of the caller, for logs and DescribeLock, for example "router-7". Required.
    *
    * @generated from field: string owner = 1;
    */

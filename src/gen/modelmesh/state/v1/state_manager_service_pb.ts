@@ -36,7 +36,7 @@ export const LoadRequestSchema: GenMessage<LoadRequest> = /*@__PURE__*/
  */
 export type LoadResponse = Message<"modelmesh.state.v1.LoadResponse"> & {
   /**
-   * Absent when the daemon holds no state: nothing was saved since start and
+   * Absent when the daemon has no state: nothing was saved since start and
    * nothing was found in the backend.
    *
    * @generated from field: modelmesh.state.v1.SystemState state = 1;
@@ -434,7 +434,7 @@ export const StateManagerService: GenService<{
     output: typeof WatchSyncStatusResponseSchema;
   },
   /**
-   * Waits until the named lock is granted, or answers DEADLINE_EXCEEDED when
+   * Waits until the named lock is granted, or fails with DEADLINE_EXCEEDED when
    * the timeout passes first.
    *
    * @generated from rpc modelmesh.state.v1.StateManagerService.AcquireLock
@@ -445,7 +445,7 @@ export const StateManagerService: GenService<{
     output: typeof AcquireLockResponseSchema;
   },
   /**
-   * Ends a grant. Answers FAILED_PRECONDITION if it had already ended.
+   * Ends a grant. Fails with FAILED_PRECONDITION if it had already ended.
    *
    * @generated from rpc modelmesh.state.v1.StateManagerService.ReleaseLock
    */

@@ -368,7 +368,7 @@ export const ModelStatusSchema: GenEnum<ModelStatus> = /*@__PURE__*/
   enumDesc(file_modelmesh_state_v1_state, 1);
 
 /**
- * Why a router moved a model to standby.
+ * Reason a router moved a model to standby.
  *
  * @generated from enum modelmesh.state.v1.DeactivationReason
  */
