@@ -1,6 +1,6 @@
 import { status as GrpcStatus } from "@grpc/grpc-js";
 import { noop } from "cockatiel";
-import { connect, createServer, type AddressInfo, type Server, type Socket } from "node:net";
+import { TcpProxy } from "../harness/tcp-proxy.js";
 import { Writable } from "node:stream";
 import { Etcd3 } from "etcd3";
 import { pino, type Logger } from "pino";
@@ -631,62 +631,4 @@ describe("EtcdLockService with etcd down", () => {
 
 function request(owner: string): AcquireOptions {
   return { name: "state", owner, ttlMs: 10_000, timeoutMs: 0, signal: new AbortController().signal };
-}
-
-/** A TCP proxy in front of etcd whose connections can be cut, to drop a client's streams while etcd runs on. */
-class TcpProxy {
-  private readonly sockets = new Set<Socket>();
-  private open = true;
-
-  private constructor(
-    private readonly server: Server,
-    readonly port: number,
-  ) {}
-
-  static async start(targetPort: number): Promise<TcpProxy> {
-    let proxy: TcpProxy | undefined;
-    const server = createServer((client) => proxy!.forward(client, targetPort));
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    proxy = new TcpProxy(server, (server.address() as AddressInfo).port);
-    return proxy;
-  }
-
-  get endpoint(): string {
-    return `http://127.0.0.1:${this.port}`;
-  }
-
-  /** Drops every open connection and refuses new ones until `restore`. */
-  cut(): void {
-    this.open = false;
-    for (const socket of this.sockets) socket.destroy();
-    this.sockets.clear();
-  }
-
-  restore(): void {
-    this.open = true;
-  }
-
-  async close(): Promise<void> {
-    this.cut();
-    await new Promise((resolve) => this.server.close(resolve));
-  }
-
-  private forward(client: Socket, targetPort: number): void {
-    if (!this.open) {
-      client.destroy();
-      return;
-    }
-    const upstream = connect(targetPort, "127.0.0.1");
-    for (const socket of [client, upstream]) {
-      this.sockets.add(socket);
-      socket.on("error", () => socket.destroy());
-      socket.on("close", () => {
-        this.sockets.delete(socket);
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    client.pipe(upstream);
-    upstream.pipe(client);
-  }
 }
