@@ -1,5 +1,4 @@
 import { createServer, type AddressInfo, type Socket } from "node:net";
-import { Writable } from "node:stream";
 import { create } from "@bufbuild/protobuf";
 import { TimestampSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { status as GrpcStatus } from "@grpc/grpc-js";
@@ -27,25 +26,9 @@ import {
   type WriteResult,
 } from "../../src/storage/etcd-change-writer.js";
 import { EtcdConnector } from "../../src/storage/etcd-connector.js";
+import { captureLogger } from "../harness/captured-logger.js";
 import { EtcdProcess } from "../harness/etcd.js";
 import { uniquePrefix } from "../harness/in-process-daemon.js";
-
-/** JSON log lines that a writer wrote, so tests can check what it did. */
-interface CapturedLogger {
-  logger: Logger;
-  lines: Array<Record<string, unknown>>;
-}
-
-function captureLogger(level = "debug"): CapturedLogger {
-  const lines: Array<Record<string, unknown>> = [];
-  const stream = new Writable({
-    write(chunk: Buffer, _encoding, done) {
-      lines.push(JSON.parse(chunk.toString("utf8")) as Record<string, unknown>);
-      done();
-    },
-  });
-  return { logger: pino({ level }, stream), lines };
-}
 
 const silentLogger = pino({ level: "silent" });
 
@@ -532,7 +515,7 @@ describe("EtcdChangeWriter on the shared etcd", () => {
 
   it("large request is all or nothing", async () => {
     const prefix = uniquePrefix("change-writer");
-    const { logger, lines } = captureLogger();
+    const { logger, lines } = captureLogger("debug");
     const { writer, connector } = await openWriter(prefix, {}, logger);
     const other = await openWriter(prefix);
     const reader = await openConnector(prefix);
@@ -587,7 +570,7 @@ describe("EtcdChangeWriter on the shared etcd", () => {
 
   it("group over the byte limit splits", async () => {
     const prefix = uniquePrefix("change-writer");
-    const { logger, lines } = captureLogger();
+    const { logger, lines } = captureLogger("debug");
     const { writer, connector } = await openWriter(prefix, {}, logger);
     // 40,000 ids of about 11 bytes encode to about 480 KB, so two pools fill most of the 1 MiB a transaction may carry.
     const members = Array.from({ length: 40_000 }, (_, i) => `model-${i}`);

@@ -1,11 +1,10 @@
 import { randomUUID } from "node:crypto";
 import { createServer, type AddressInfo, type Socket } from "node:net";
-import { Writable } from "node:stream";
 import { create, equals } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { status as GrpcStatus } from "@grpc/grpc-js";
 import { Etcd3 } from "etcd3";
-import { pino, type Logger } from "pino";
+import { pino } from "pino";
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from "vitest";
 import {
   DeactivationReason,
@@ -18,24 +17,8 @@ import {
 } from "../../src/gen/modelmesh/state/v1/state_pb.js";
 import { ServiceError } from "../../src/server/service-error.js";
 import { EtcdConnector, type EtcdConnectorOptions } from "../../src/storage/etcd-connector.js";
+import { captureLogger } from "../harness/captured-logger.js";
 import { EtcdProcess } from "../harness/etcd.js";
-
-/** JSON log lines that a connector wrote, so tests can check what it did. */
-interface CapturedLogger {
-  logger: Logger;
-  lines: Array<Record<string, unknown>>;
-}
-
-function captureLogger(level = "info"): CapturedLogger {
-  const lines: Array<Record<string, unknown>> = [];
-  const stream = new Writable({
-    write(chunk: Buffer, _encoding, done) {
-      lines.push(JSON.parse(chunk.toString("utf8")) as Record<string, unknown>);
-      done();
-    },
-  });
-  return { logger: pino({ level }, stream), lines };
-}
 
 const silentLogger = pino({ level: "silent" });
 
