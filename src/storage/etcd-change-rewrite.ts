@@ -40,6 +40,7 @@ import {
   prefixRangeEnd,
   type SnapshotLayout,
 } from "./etcd-snapshot-layout.js";
+import { writeStagedBatches } from "./etcd-staged-batches.js";
 
 /** Dependencies of a rewrite, provided by its writer. */
 export interface RewriteContext {
@@ -87,9 +88,6 @@ const stagingLeaseTtlSeconds = 30;
 
 /** Keys per range request; a page over grpc-js's 4 MiB receive limit is read again with fewer keys. */
 const rangePageKeys = 1000;
-
-/** Entity transactions of one rewrite in flight at once. */
-const writeConcurrency = 4;
 
 /** The current generation read at one revision. */
 interface GenerationSnapshot {
@@ -274,7 +272,14 @@ async function stageAndCommit(
     staged = true;
     await stageGeneration(context, generation, leaseId);
     step = `writing the ${batches.length} transactions of generation ${generation}`;
-    await writeBatches(context, task, generation, batches);
+    await writeStagedBatches({
+      client: context.client,
+      stagingLeaseKey: context.layout.stagingLeaseKey(generation),
+      batches,
+      checkActive: () => task.checkActive(),
+      leaseExpired: () => leaseExpiredError(context, generation),
+      callOptions: () => ({ deadline: Date.now() + context.requestTimeoutMs }),
+    });
     step = `granting the idempotency lease`;
     const recordLeaseId = record === undefined ? undefined : await context.idempotencyLease.leaseId();
     step = `committing generation ${generation}`;
@@ -322,41 +327,6 @@ async function stageGeneration(context: RewriteContext, generation: string, leas
     },
     { deadline: Date.now() + context.requestTimeoutMs },
   );
-}
-
-/**
- * Writes the entity keys, `writeConcurrency` transactions at a time. Each
- * transaction applies only while the staging lease key exists, so keys are
- * never recreated after orphan removal deleted the generation.
- */
-async function writeBatches(context: RewriteContext, task: RewriteTask, generation: string, batches: KeyValue[][]): Promise<void> {
-  const stagingLeaseKey = context.layout.stagingLeaseKey(generation);
-  let next = 0;
-  let failed = false;
-  const writeUntilDone = async (): Promise<void> => {
-    while (!failed && next < batches.length) {
-      const index = next++;
-      task.checkActive();
-      const response = await context.client.kv.txn(
-        {
-          compare: [keyExists(stagingLeaseKey)],
-          success: batches[index]!.map((entry) => ({ request_put: { key: entry.key, value: entry.value } })),
-        },
-        { deadline: Date.now() + context.requestTimeoutMs },
-      );
-      if (!response.succeeded) throw leaseExpiredError(context, generation);
-    }
-  };
-  const workers = Array.from({ length: Math.min(writeConcurrency, batches.length) }, () =>
-    writeUntilDone().catch((error: unknown) => {
-      failed = true;
-      throw error;
-    }),
-  );
-  // Waiting for every worker means no transaction is still in flight when the caller discards the generation.
-  const results = await Promise.allSettled(workers);
-  const rejected = results.find((result) => result.status === "rejected");
-  if (rejected !== undefined) throw rejected.reason;
 }
 
 /**

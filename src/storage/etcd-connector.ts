@@ -25,7 +25,9 @@ import {
   type ServiceError,
 } from "../server/service-error.js";
 import { assertFenceCurrent } from "./assert-fence-current.js";
-import { defaultBatchLimits, splitIntoBatches, type KeyValue } from "./etcd-batches.js";
+import { defaultBatchLimits, splitIntoBatches } from "./etcd-batches.js";
+import { keyAbsent, keyExists } from "./etcd-change-txn.js";
+import { writeStagedBatches } from "./etcd-staged-batches.js";
 import {
   SnapshotLayout,
   decodeEntity,
@@ -71,8 +73,6 @@ const maxLoadAttempts = 5;
 /** Commits that retry because another save replaced `current` in between, before the save fails. */
 const maxCommitAttempts = 5;
 
-/** Entity transactions of one save in flight at once. */
-const writeConcurrency = 4;
 
 /**
  * Stores each snapshot as a generation of one etcd key per model, provider
@@ -168,7 +168,13 @@ export class EtcdConnector implements StorageConnector {
       staged = true;
       await this.stageGeneration(generation, leaseId);
       step = `writing the ${batches.length} transactions of generation ${generation}`;
-      await this.writeBatches(generation, batches, signal);
+      await writeStagedBatches({
+        client: this.client,
+        stagingLeaseKey: this.layout.stagingLeaseKey(generation),
+        batches,
+        checkActive: () => throwIfAborted(signal, `write generation ${generation}`),
+        leaseExpired: () => this.leaseExpiredError(generation),
+      });
       throwIfAborted(signal, `commit generation ${generation}`);
       step = `committing generation ${generation}`;
       ({ previous, revision } = await this.commitGeneration(generation, pointer, fence));
@@ -316,37 +322,6 @@ export class EtcdConnector implements StorageConnector {
   }
 
   /**
-   * Writes the entity keys, `writeConcurrency` transactions at a time. Each
-   * transaction applies only while the writer's lease key exists, so a writer
-   * whose lease expired cannot recreate keys after its generation was removed.
-   */
-  private async writeBatches(generation: string, batches: KeyValue[][], signal: AbortSignal | undefined): Promise<void> {
-    let next = 0;
-    let failed = false;
-    const writeUntilDone = async (): Promise<void> => {
-      while (!failed && next < batches.length) {
-        const index = next++;
-        throwIfAborted(signal, `write generation ${generation}`);
-        const response = await this.client.kv.txn({
-          compare: [this.keyExists(this.layout.stagingLeaseKey(generation))],
-          success: batches[index]!.map((entry) => ({ request_put: { key: entry.key, value: entry.value } })),
-        });
-        if (!response.succeeded) throw this.leaseExpiredError(generation);
-      }
-    };
-    const workers = Array.from({ length: Math.min(writeConcurrency, batches.length) }, () =>
-      writeUntilDone().catch((error: unknown) => {
-        failed = true;
-        throw error;
-      }),
-    );
-    // Waiting for every worker means no transaction is still in flight when the caller discards the generation.
-    const results = await Promise.allSettled(workers);
-    const rejected = results.find((result) => result.status === "rejected");
-    if (rejected !== undefined) throw rejected.reason;
-  }
-
-  /**
    * Points `current` at `generation`, deletes the generation it replaces and
    * the staging keys in one transaction, and returns the replaced generation.
    * The transaction applies only while the writer's lease key exists, the
@@ -393,7 +368,7 @@ export class EtcdConnector implements StorageConnector {
     const currentKey = this.layout.currentKey;
     const stagingLeaseKey = this.layout.stagingLeaseKey(generation);
     const compare: ICompare[] = [
-      this.keyExists(stagingLeaseKey),
+      keyExists(stagingLeaseKey),
       {
         key: currentKey,
         target: CompareTarget.Mod,
@@ -444,7 +419,7 @@ export class EtcdConnector implements StorageConnector {
     const stagingKey = this.layout.stagingKey(generation);
     try {
       const result = await this.client.kv.txn({
-        compare: [this.keyExists(stagingKey)],
+        compare: [keyExists(stagingKey)],
         success: [
           this.deleteGenerationOp(generation),
           { request_delete_range: { key: stagingKey } },
@@ -497,7 +472,7 @@ export class EtcdConnector implements StorageConnector {
     for (const generation of staged.filter((id) => !alive.has(id))) {
       const stagingKey = this.layout.stagingKey(generation);
       const result = await this.client.kv.txn({
-        compare: [this.keyExists(stagingKey), this.keyAbsent(this.layout.stagingLeaseKey(generation))],
+        compare: [keyExists(stagingKey), keyAbsent(this.layout.stagingLeaseKey(generation))],
         success: [this.deleteGenerationOp(generation), { request_delete_range: { key: stagingKey } }],
       });
       if (result.succeeded) this.logger.info({ generation }, "orphan generation removed");
@@ -507,14 +482,6 @@ export class EtcdConnector implements StorageConnector {
   private deleteGenerationOp(generation: string): IRequestOp {
     const prefix = this.layout.generationPrefix(generation);
     return { request_delete_range: { key: prefix, range_end: prefixRangeEnd(prefix) } };
-  }
-
-  private keyExists(key: Buffer): ICompare {
-    return { key, target: CompareTarget.Create, result: CompareResult.Greater, create_revision: 0 };
-  }
-
-  private keyAbsent(key: Buffer): ICompare {
-    return { key, target: CompareTarget.Create, result: CompareResult.Equal, create_revision: 0 };
   }
 
   private leaseExpiredError(generation: string): ServiceError {

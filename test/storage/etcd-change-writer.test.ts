@@ -1,4 +1,3 @@
-import { createServer, type AddressInfo, type Socket } from "node:net";
 import { create } from "@bufbuild/protobuf";
 import { TimestampSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { status as GrpcStatus } from "@grpc/grpc-js";
@@ -28,6 +27,7 @@ import {
 import { EtcdConnector } from "../../src/storage/etcd-connector.js";
 import { captureLogger } from "../harness/captured-logger.js";
 import { EtcdProcess } from "../harness/etcd.js";
+import { SilentServer } from "../harness/silent-server.js";
 import { uniquePrefix } from "../harness/in-process-daemon.js";
 
 const silentLogger = pino({ level: "silent" });
@@ -679,22 +679,16 @@ describe("EtcdChangeWriter on a private etcd", () => {
 });
 
 describe("EtcdChangeWriter on a server that never responds", () => {
-  const sockets = new Set<Socket>();
-  // Accepts TCP connections and sends nothing, like an etcd that hangs.
-  const silentServer = createServer((socket) => {
-    sockets.add(socket);
-    socket.on("close", () => sockets.delete(socket));
-  });
+  const silentServer = new SilentServer();
   let endpoint: string;
 
   beforeAll(async () => {
-    await new Promise<void>((resolve) => silentServer.listen(0, "127.0.0.1", resolve));
-    endpoint = `http://127.0.0.1:${(silentServer.address() as AddressInfo).port}`;
+    await silentServer.start();
+    endpoint = silentServer.endpoint;
   });
 
   afterAll(async () => {
-    for (const socket of sockets) socket.destroy();
-    await new Promise((resolve) => silentServer.close(resolve));
+    await silentServer.stop();
   });
 
   it("requests fail at the request timeout", async () => {

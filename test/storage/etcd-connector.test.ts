@@ -1,5 +1,4 @@
 import { randomUUID } from "node:crypto";
-import { createServer, type AddressInfo, type Socket } from "node:net";
 import { create, equals } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { status as GrpcStatus } from "@grpc/grpc-js";
@@ -19,6 +18,7 @@ import { ServiceError } from "../../src/server/service-error.js";
 import { EtcdConnector, type EtcdConnectorOptions } from "../../src/storage/etcd-connector.js";
 import { captureLogger } from "../harness/captured-logger.js";
 import { EtcdProcess } from "../harness/etcd.js";
+import { SilentServer } from "../harness/silent-server.js";
 
 const silentLogger = pino({ level: "silent" });
 
@@ -551,22 +551,16 @@ describe("EtcdConnector on a private etcd", () => {
 });
 
 describe("EtcdConnector on a server that never responds", () => {
-  const sockets = new Set<Socket>();
-  // Accepts TCP connections and sends nothing, like an etcd that hangs.
-  const silentServer = createServer((socket) => {
-    sockets.add(socket);
-    socket.on("close", () => sockets.delete(socket));
-  });
+  const silentServer = new SilentServer();
   let endpoint: string;
 
   beforeAll(async () => {
-    await new Promise<void>((resolve) => silentServer.listen(0, "127.0.0.1", resolve));
-    endpoint = `http://127.0.0.1:${(silentServer.address() as AddressInfo).port}`;
+    await silentServer.start();
+    endpoint = silentServer.endpoint;
   });
 
   afterAll(async () => {
-    for (const socket of sockets) socket.destroy();
-    await new Promise((resolve) => silentServer.close(resolve));
+    await silentServer.stop();
   });
 
   it("requests fail at the request timeout", async () => {
